@@ -1,0 +1,169 @@
+"""The small interface the training loop talks to, and the shared torch-native implementation.
+
+The trainer decides where an accumulation cycle starts and ends; a backend only translates that
+decision: `cycle()` brackets the K micro-batches, `forward_backward(..., last)` says whether this
+micro-batch closes the cycle, and `step()` applies the accumulated gradient once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from gradcycle.telemetry import CommCounter
+
+
+
+@dataclass
+class StepResult:
+    grad_norm: float  # total norm before clipping, all ranks
+    skipped: bool  # the update was not applied (non-finite gradient or fp16 overflow)
+    stats: list[float]  # the trainer's step statistics, fetched in the same host sync
+
+
+@dataclass
+class SyncPlan:
+    """What the start-up plan prints: collectives per cycle and the memory the policy costs."""
+
+    policy: str  # per_cycle | per_micro
+    rows: list[tuple[str, str]] = field(default_factory=list)  # (collective, count per cycle)
+    extra_memory: str = "none"
+    note: str = ""
+
+    def table(self, backend: str, k: int) -> str:
+        lines = [f"sync plan: backend={backend} sync={self.policy} K={k}"]
+        lines += [f"  {name:<34} {count}" for name, count in self.rows]
+        lines.append(f"  {'extra memory held through the cycle':<34} {self.extra_memory}")
+        if self.note:
+            lines.append(f"  note: {self.note}")
+        return "\n".join(lines)
+
+
+class Backend:
+    """Interface. `model` is what forward runs on (wrapped); `module` is the plain model."""
+
+    name: str
+    model: nn.Module
+    module: nn.Module
+    sync: str
+
+    def cycle(self):
+        """Context around all K micro-batches of one optimizer step."""
+        return contextlib.nullcontext()
+
+    def forward_backward(self, batch: dict, loss_fn, last: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self, lr: float, stats: torch.Tensor) -> StepResult:
+        """Clip, optimizer step, zero grads. Fetch the grad norm and `stats` (trainer's device
+        scalars) in ONE host sync: the only one per optimizer step."""
+        raise NotImplementedError
+
+    def eval_loss(self, batch: dict, loss_fn) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sync_plan(self, k: int) -> SyncPlan:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def amp_dtype(precision: str) -> torch.dtype | None:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def build_optimizer(params, optim_cfg, lr: float) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in params:
+        if p.requires_grad:
+            # Norm weights and biases (1-D) are not decayed: standard for transformer LMs.
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": optim_cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if optim_cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=optim_cfg.momentum)
+    return torch.optim.AdamW(
+        groups, lr=lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps, foreach=True
+    )
+
+
+class TorchBackend(Backend):
+    """Shared by ddp and fsdp/hsdp: autocast, fp16 GradScaler, clip, optimizer, skip on non-finite.
+
+    Subclasses provide `_sync_context(last)` / `_before_backward(last)`, the gradient-averaging
+    factor and `_clip()`; nothing else differs between them.
+    """
+
+    def __init__(self, cfg, model: nn.Module, module: nn.Module, device: torch.device, world: int):
+        self.cfg, self.model, self.module, self.device = cfg, model, module, device
+        self.world = world
+        self.precision = cfg.precision
+        self.optimizer = build_optimizer(model.parameters(), cfg.optim, cfg.optim.lr)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        self.comm = CommCounter.instance()
+        # DDP/FSDP average gradients over ranks; the loss is already normalised by the token count
+        # of the whole cycle on all ranks, so multiply the average back into a sum.
+        self.loss_factor = float(world)
+
+    def _autocast(self):
+        dtype = amp_dtype(self.precision)
+        if dtype is None or self._params_in_low_precision():
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _params_in_low_precision(self) -> bool:
+        return False
+
+    def _sync_context(self, last: bool):
+        return contextlib.nullcontext()
+
+    def _before_backward(self, last: bool) -> None:
+        pass
+
+    def forward_backward(self, batch: dict, loss_fn, last: bool) -> torch.Tensor:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with self._sync_context(last):
+            self._before_backward(last)
+            with self._autocast():
+                loss = loss_fn(self.model, batch)
+            # fp16: every micro-batch is scaled; unscale/step/update happen once, in step().
+            self.scaler.scale(loss * self.loss_factor).backward()
+        return loss.detach()
+
+    def _clip(self, max_norm: float) -> torch.Tensor:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+
+    def step(self, lr: float, stats: torch.Tensor) -> StepResult:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.scaler.unscale_(self.optimizer)
+        norm = self._clip(self.cfg.train.grad_clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        fetched = torch.cat([norm.detach().reshape(1).double(), stats.double()]).tolist()
+        norm, stats_values = fetched[0], fetched[1:]
+        finite = math.isfinite(norm)
+        if self.scaler.is_enabled():
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skips the update itself on inf/nan
+            self.scaler.update()
+            skipped = self.scaler.get_scale() < scale
+        else:
+            skipped = not finite
+            if finite:
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(grad_norm=norm, skipped=skipped, stats=stats_values)
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict, loss_fn) -> torch.Tensor:
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with self._autocast():
+            return loss_fn(self.model, batch)

@@ -1,0 +1,104 @@
+"""Command line: compose the Hydra config from overrides, run, and turn user errors into exit 2.
+
+`python train.py a=b ...` composes with Hydra's compose API (no per-rank output dirs, no logging
+setup on every rank); `-m/--multirun` goes through `@hydra.main` so sweeps and launcher plugins
+(submitit) work. Either way the task is `trainer.run(cfg)`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2  # bad config or data: nothing started, nothing written
+EXIT_HALT = 3  # train.on_nonfinite=halt
+
+
+def default_conf_dir() -> str:
+    return str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def compose(overrides: list[str], conf_dir: str | None = None, config_name: str = "config"):
+    """The same composition as train.py: for tools (plan, export) and tests."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from gradcycle.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=conf_dir or default_conf_dir(), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides)
+
+
+def _user_error(exc: BaseException) -> str | None:
+    """A one-paragraph message for errors the user can fix; None for internal errors."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(exc, ValueError):
+        return str(exc)
+    if isinstance(exc, (HydraException, OmegaConfBaseException)):
+        text = str(exc).strip().splitlines()
+        msg = " ".join(line.strip() for line in text if line.strip() and not line.startswith("    "))
+        cause = exc.__cause__ or exc.__context__
+        if cause is not None and str(cause) not in msg:
+            msg += f" ({str(cause).splitlines()[0]})"
+        return msg + " - see conf/ for valid groups and keys, or `python train.py --help`"
+    return None
+
+
+def _fail(message: str, code: int) -> int:
+    rank = os.environ.get("RANK", "0")
+    if rank == "0":
+        print(f"gradcycle: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def main(argv: list[str], conf_dir: str | None = None) -> int:
+    from gradcycle.distributed import strip_local_rank_args
+    from gradcycle.trainer import NonFiniteHalt, run
+
+    try:
+        argv = strip_local_rank_args(argv)
+    except ValueError as e:
+        return _fail(str(e), EXIT_USAGE)
+    if any(a in ("-m", "--multirun") for a in argv) or any(a.startswith("hydra/") for a in argv):
+        return _hydra_main(argv, conf_dir or default_conf_dir())
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__ + "\nOverrides: key=value (e.g. backend=fsdp train.micro_batch_size=2); see conf/.")
+        return 0
+    try:
+        cfg = compose(argv, conf_dir)
+        run(cfg)
+    except NonFiniteHalt as e:
+        return _fail(str(e), EXIT_HALT)
+    except Exception as e:
+        message = _user_error(e)
+        if message is None:
+            raise
+        return _fail(message, EXIT_USAGE)
+    return 0
+
+
+def _hydra_main(argv: list[str], conf_dir: str) -> int:
+    import hydra
+
+    from gradcycle.config import register_configs
+    from gradcycle.trainer import run
+
+    register_configs()
+
+    @hydra.main(config_path=conf_dir, config_name="config", version_base="1.3")
+    def task(cfg):
+        from hydra.core.hydra_config import HydraConfig
+
+        if not cfg.run_dir:  # each sweep job gets its own run dir under the sweep dir
+            cfg.run_dir = HydraConfig.get().runtime.output_dir
+        return run(cfg)
+
+    sys.argv = [sys.argv[0], *argv]
+    task()
+    return 0

@@ -1,0 +1,291 @@
+"""Typed config schema (Hydra ConfigStore) and validate(): every user error is raised here.
+
+The dataclasses are the schema that Hydra merges `conf/*.yaml` into, so unknown keys and wrong
+types are rejected at composition. `validate()` checks values and cross-field rules and raises a
+`ValueError` that names the field and the fix; `gradcycle.cli` turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    pretrained: str | None = None  # local path or hub id for from_pretrained
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # None = num_heads (no GQA)
+    intermediate_size: int = 384
+    vocab_size: int | None = None  # None = the tokenizer's vocabulary
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    sync_batchnorm: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    name: str = "stdlib"  # stdlib | files | hub
+    path: str | None = None  # files: file, folder or glob; hub: dataset id or local dataset dir
+    text_field: str = "text"
+    split: str = "train"
+    seq_len: int = 256
+    packing: bool = True
+    tokenizer: str | None = None  # path or hub id; None = byte-level BPE trained locally, cached
+    vocab_size: int = 4096  # for the locally trained tokenizer
+    max_documents: int | None = None
+    val_fraction: float = 0.02
+    cache_dir: str | None = None  # None = $GRADCYCLE_CACHE or ~/.cache/gradcycle
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    global_batch_size: int | None = 16
+    micro_batch_size: Any = 4  # int, or "auto" (planner)
+    accumulation_steps: int | None = None  # alternative to global_batch_size
+    grad_clip: float = 1.0  # 0 disables clipping (the norm is still reported)
+    eval_every: int = 50
+    eval_batches: int = 8
+    on_nonfinite: str = "skip"  # skip | halt
+    log_every: int = 10
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    momentum: float = 0.0  # sgd only
+    schedule: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    scale_rule: str = "none"  # none | linear | sqrt
+    reference_batch_size: int | None = None  # global batch the lr and warmup were tuned for
+
+
+@dataclass
+class BackendConfig:
+    name: str = "ddp"  # ddp | zero1 | zero2 | zero3 | fsdp | hsdp
+    sync: str = "auto"  # auto | per_cycle | per_micro
+    zero_stage: int = 0  # set by the zero* presets
+    offload_optimizer: bool = False  # DeepSpeed: optimizer states in host memory
+    offload_param: bool = False  # DeepSpeed ZeRO-3: parameters in host memory
+    param_persistence_threshold: int | None = None  # ZeRO-3 stage3_param_persistence_threshold
+    deepspeed_config: dict[str, Any] = field(default_factory=dict)  # merged into the generated one
+    replicate: int | None = None  # hsdp: replica groups (default: number of nodes)
+    reduce_dtype: str = "fp32"  # fsdp/hsdp gradient reduction dtype under bf16/fp16
+    compile: bool = False
+    dist_timeout_s: int = 300  # a dead rank makes the others fail after this, never hang
+
+
+@dataclass
+class ActivationCheckpointingConfig:
+    mode: str = "none"  # none | full | selective
+    every: int = 2  # selective: checkpoint every Nth decoder layer
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"  # disabled | offline | online
+    project: str = "gradcycle"
+    name: str | None = None
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = False
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # 0 = only at the end
+    keep: int = 2
+    at_end: bool = True
+
+
+@dataclass
+class HardwareConfig:
+    name: str = "cpu"
+    memory_gb: float = 24.0
+    bf16_tflops: float = 1.0  # peak dense bf16 per device, for MFU
+    intra_node_gbps: float = 10.0  # per-device bus bandwidth, GB/s
+    inter_node_gbps: float = 10.0
+
+
+@dataclass
+class Config:
+    seed: int = 1234
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    run_dir: str | None = None  # None = outputs/<job id or timestamp>, one for all ranks
+    resume: str = "none"  # none | auto | <checkpoint path>
+    device: str = "auto"  # auto | cpu | cuda
+    nodes: int = 1
+    gpus_per_node: int = 8
+    profile: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    activation_checkpointing: ActivationCheckpointingConfig = field(
+        default_factory=ActivationCheckpointingConfig
+    )
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="gradcycle_schema", node=Config)
+
+
+BACKENDS = ("ddp", "zero1", "zero2", "zero3", "fsdp", "hsdp")
+
+
+def _one_of(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid: choose one of {', '.join(map(str, choices))}")
+
+
+def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name}={value} is out of range: it must be {bound}")
+
+
+def validate(cfg: Any) -> None:
+    """Check every user-facing value; raise ValueError naming the field and the fix."""
+    _one_of("precision", cfg.precision, ("fp32", "bf16", "fp16"))
+    _one_of("device", cfg.device, ("auto", "cpu", "cuda"))
+    _one_of("backend.name", cfg.backend.name, BACKENDS)
+    _one_of("backend.sync", cfg.backend.sync, ("auto", "per_cycle", "per_micro"))
+    _one_of("backend.reduce_dtype", cfg.backend.reduce_dtype, ("fp32", "bf16"))
+    _one_of("optim.name", cfg.optim.name, ("adamw", "sgd"))
+    _one_of("optim.schedule", cfg.optim.schedule, ("cosine", "linear", "constant"))
+    _one_of("optim.scale_rule", cfg.optim.scale_rule, ("none", "linear", "sqrt"))
+    _one_of("activation_checkpointing.mode", cfg.activation_checkpointing.mode,
+            ("none", "full", "selective"))  # fmt: skip
+    _one_of("train.on_nonfinite", cfg.train.on_nonfinite, ("skip", "halt"))
+    _one_of("data.name", cfg.data.name, ("stdlib", "files", "hub"))
+    _one_of("logging.wandb.mode", cfg.logging.wandb.mode, ("disabled", "offline", "online"))
+
+    if cfg.optim.lr <= 0:
+        raise ValueError(f"optim.lr={cfg.optim.lr} must be > 0 (e.g. optim.lr=3e-4)")
+    _positive("optim.weight_decay", cfg.optim.weight_decay, allow_zero=True)
+    _positive("optim.warmup_steps", cfg.optim.warmup_steps, allow_zero=True)
+    if not 0 <= cfg.optim.min_lr_ratio <= 1:
+        raise ValueError(f"optim.min_lr_ratio={cfg.optim.min_lr_ratio} must be within [0, 1]")
+    if cfg.optim.scale_rule != "none" and cfg.optim.reference_batch_size is None:
+        raise ValueError(
+            f"optim.scale_rule={cfg.optim.scale_rule} needs optim.reference_batch_size: the global "
+            "batch size optim.lr was tuned for (e.g. optim.reference_batch_size=256)"
+        )
+    _positive("optim.reference_batch_size", cfg.optim.reference_batch_size)
+    _positive("train.max_steps", cfg.train.max_steps)
+    _positive("train.grad_clip", cfg.train.grad_clip, allow_zero=True)
+    _positive("train.eval_every", cfg.train.eval_every, allow_zero=True)
+    _positive("train.eval_batches", cfg.train.eval_batches)
+    _positive("train.log_every", cfg.train.log_every)
+    _positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
+    _positive("checkpoint.keep", cfg.checkpoint.keep)
+    _positive("nodes", cfg.nodes)
+    _positive("gpus_per_node", cfg.gpus_per_node)
+    _positive("backend.dist_timeout_s", cfg.backend.dist_timeout_s)
+    _positive("backend.replicate", cfg.backend.replicate)
+    _positive("activation_checkpointing.every", cfg.activation_checkpointing.every)
+
+    # The batch sizes are checked in full by batching.plan_batch once the world size is known.
+    mbs = cfg.train.micro_batch_size
+    if not (mbs == "auto" or (isinstance(mbs, int) and not isinstance(mbs, bool))):
+        raise ValueError(f"train.micro_batch_size={mbs!r} must be a positive integer or 'auto'")
+    if isinstance(mbs, int):
+        _positive("train.micro_batch_size", mbs)
+    _positive("train.global_batch_size", cfg.train.global_batch_size)
+    _positive("train.accumulation_steps", cfg.train.accumulation_steps)
+    if (cfg.train.global_batch_size is None) == (cfg.train.accumulation_steps is None):
+        raise ValueError(
+            "set exactly one of train.global_batch_size and train.accumulation_steps "
+            f"(got {cfg.train.global_batch_size} and {cfg.train.accumulation_steps}); "
+            "e.g. train.accumulation_steps=null to derive it from the global batch"
+        )
+
+    if cfg.data.seq_len < 2:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} must be >= 2 (a token and its target)")
+    if cfg.model.pretrained is None and cfg.data.seq_len > cfg.model.max_position_embeddings:
+        raise ValueError(
+            f"data.seq_len={cfg.data.seq_len} exceeds model.max_position_embeddings="
+            f"{cfg.model.max_position_embeddings}: lower data.seq_len or raise the model's limit"
+        )
+    if not 0 < cfg.data.val_fraction < 1:
+        raise ValueError(f"data.val_fraction={cfg.data.val_fraction} must be within (0, 1)")
+    _positive("data.max_documents", cfg.data.max_documents)
+    if cfg.data.tokenizer is None and cfg.data.vocab_size < 260:
+        raise ValueError(f"data.vocab_size={cfg.data.vocab_size} must be >= 260 (256 bytes + specials)")
+    _validate_data_path(cfg.data)
+
+    m = cfg.model
+    if m.pretrained is None:
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
+            _positive(f"model.{name}", getattr(m, name))
+        if m.hidden_size % m.num_heads:
+            raise ValueError(
+                f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}"
+            )
+        kv = m.num_kv_heads or m.num_heads
+        if m.num_heads % kv:
+            raise ValueError(
+                f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={kv}"
+            )
+    elif _looks_local(m.pretrained) and not os.path.isdir(m.pretrained):
+        raise ValueError(f"model.pretrained={m.pretrained!r}: no such directory")
+
+    if cfg.backend.deepspeed_config and not cfg.backend.name.startswith("zero"):
+        raise ValueError(
+            f"backend.deepspeed_config is set but backend={cfg.backend.name} is not DeepSpeed: "
+            "use backend=zero1|zero2|zero3 or remove backend.deepspeed_config"
+        )
+    if cfg.backend.offload_param and cfg.backend.name != "zero3":
+        raise ValueError("backend.offload_param needs backend=zero3 (only ZeRO-3 partitions parameters)")
+    if cfg.precision == "fp16" and cfg.backend.name in ("fsdp", "hsdp"):
+        raise ValueError(
+            f"precision=fp16 with backend={cfg.backend.name}: FSDP2 has no sharded fp16 loss scaler "
+            "here; use precision=bf16"
+        )
+    if cfg.resume not in ("none", "auto") and not os.path.exists(cfg.resume):
+        raise ValueError(f"resume={cfg.resume!r}: no such checkpoint (use resume=auto or resume=none)")
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or os.path.exists(path)
+
+
+def _validate_data_path(data: Any) -> None:
+    if data.name == "stdlib":
+        return
+    if not data.path:
+        raise ValueError(
+            f"data={data.name} needs data.path: "
+            + ("a file, folder or glob of jsonl/json/parquet/txt files" if data.name == "files"
+               else "a hub dataset id or a local dataset folder")  # fmt: skip
+        )
+    if data.name == "files" and not glob.glob(os.path.expanduser(data.path), recursive=True):
+        raise ValueError(f"data.path={data.path!r} matches no file or folder")
+    if data.name == "hub" and _looks_local(data.path) and not os.path.exists(data.path):
+        raise ValueError(f"data.path={data.path!r}: no such local dataset")

@@ -1,0 +1,254 @@
+"""run(): the training loop, top to bottom. THE place the accumulation boundary is decided.
+
+One optimizer step = one cycle of K micro-batches per rank:
+  1. fetch the cycle's K micro-batches (global batch `step`, this rank's slice);
+  2. count target tokens over the whole cycle on all ranks (one all-reduce) -> N;
+  3. each micro-batch's loss = sum of token cross-entropy / N, so K micro-batches on W ranks are
+     exactly one batch of K*b*W samples, ragged lengths included;
+  4. backend.forward_backward(..., last=k == K-1): the backend maps `last` onto its sync;
+  5. backend.step(lr): clip, optimizer, zero grads, once per cycle.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from gradcycle import checkpoint, distributed
+from gradcycle.backends import build_backend
+from gradcycle.batching import BatchPlan, lr_at, plan_from_config
+from gradcycle.config import validate
+from gradcycle.data import IGNORE_INDEX, GlobalBatches, eval_batches, load_corpus, split_corpus
+from gradcycle.model import apply_activation_checkpointing, batchnorm_guard, build_model, count_params
+from gradcycle.telemetry import CommCounter, MetricsSink, model_flops_per_token, peak_memory_bytes
+
+
+class NonFiniteHalt(RuntimeError):
+    """train.on_nonfinite=halt met a NaN/inf: stop without writing anything new."""
+
+
+def token_loss(model, batch: dict, norm: torch.Tensor | float) -> torch.Tensor:
+    """Sum of next-token cross-entropy over real targets, divided by the cycle's token count."""
+    logits = model(input_ids=batch["input_ids"]).logits
+    labels = batch["labels"][:, 1:]
+    loss = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        labels.flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss / norm
+
+
+def count_targets(micro_batches: list[dict]) -> int:
+    return sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches)
+
+
+@dataclass
+class State:
+    """What a resumed run needs besides the backend's model and optimizer state."""
+
+    step: int = 0  # optimizer steps done == the next global batch to train on
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+
+
+def resolve_run_dir(cfg, env) -> Path:
+    """One run dir for every rank: explicit, else a job id, else rank 0's timestamp (broadcast)."""
+    if cfg.run_dir:
+        path = cfg.run_dir
+    else:
+        job = os.environ.get("SLURM_JOB_ID") or os.environ.get("GRADCYCLE_RUN_ID")
+        path = f"outputs/{job}" if job else f"outputs/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+        path = distributed.broadcast_object(path)
+    return Path(path).expanduser().resolve()
+
+
+def run(cfg) -> dict:
+    """Train according to `cfg` (a composed config). Returns the last step's record."""
+    validate(cfg)  # every user error before anything starts or is written
+    env = distributed.read_env()
+    plan = plan_from_config(cfg, env.world_size)
+    corpus = load_corpus(cfg.data, cfg.model)  # every rank, file-locked cache: data errors here
+    train_set, val_set = split_corpus(corpus, cfg.data)
+
+    device = distributed.pick_device(env, cfg.device)
+    comm = CommCounter.instance()
+    comm.install()  # before DeepSpeed/FSDP capture torch.distributed's functions
+    distributed.init_process_group(env, device, cfg.backend.dist_timeout_s)
+    run_dir = resolve_run_dir(cfg, env)
+    distributed.seed_everything(cfg.seed)
+
+    vocab = len(corpus.tokenizer)
+    ac = cfg.activation_checkpointing
+    is_dist = env.world_size > 1
+
+    def make_model(where: str):
+        model = build_model(cfg.model, vocab, where)
+        apply_activation_checkpointing(model, ac.mode, ac.every)
+        return batchnorm_guard(model, plan.micro_batch_size, cfg.model.sync_batchnorm, is_dist)
+
+    backend = build_backend(cfg, make_model, device, env.world_size)
+    n_params = count_params(backend.module)
+    state = State()
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        print(plan.table(), flush=True)
+        print(backend.sync_plan(plan.accumulation_steps).table(cfg.backend.name, plan.accumulation_steps))
+        print(f"model: {n_params / 1e6:.2f}M parameters, run dir: {run_dir}", flush=True)
+        cfg_path = run_dir / "config.yaml"
+        if not cfg_path.exists():
+            OmegaConf.save(cfg, cfg_path, resolve=True)
+    resumed_from = checkpoint.maybe_resume(cfg, run_dir, backend, state)
+    if resumed_from and env.is_main:
+        print(f"resumed from {resumed_from} at step {state.step}", flush=True)
+
+    sink = MetricsSink(run_dir, cfg, env.is_main, OmegaConf.to_container(cfg, resolve=True))
+    batches = GlobalBatches(train_set, plan.global_batch_size, cfg.seed, corpus.tokenizer.pad_token_id)
+    flops_per_token = model_flops_per_token(
+        n_params, cfg.model.num_layers, cfg.model.hidden_size, cfg.data.seq_len
+    )
+    progress = _progress(cfg, env, state.step)
+    stop = checkpoint.StopSignal.install()
+    record: dict = {}
+    try:
+        while state.step < cfg.train.max_steps:
+            t0 = time.perf_counter()
+            step = state.step
+            # -- the cycle: K micro-batches, one token count, one boundary ---------------------
+            micro = batches.cycle(step, env.rank, env.world_size, plan.micro_batch_size)
+            with comm.suspended():  # the trainer's own collectives are not the backend's
+                n_tokens = distributed.all_reduce_tensor([count_targets(micro)], device)
+            loss_fn = functools.partial(token_loss, norm=n_tokens[0].clamp(min=1))
+            losses = []
+            with backend.cycle():
+                for k, batch in enumerate(micro):
+                    last = k == len(micro) - 1
+                    losses.append(backend.forward_backward(batch, loss_fn, last=last))
+            lr = lr_at(step, plan, cfg.optim.schedule, cfg.train.max_steps, cfg.optim.min_lr_ratio)
+            with comm.suspended():
+                stats = distributed.all_reduce_tensor([torch.stack(losses).sum()], device)
+            result = backend.step(lr, torch.cat([stats, n_tokens]))  # the step's one host sync
+            comm_counts = comm.take()
+            # -- bookkeeping ---------------------------------------------------------------------
+            loss, n_tokens = result.stats
+            if result.skipped or not math.isfinite(loss):
+                if cfg.train.on_nonfinite == "halt":
+                    raise NonFiniteHalt(
+                        f"step {step}: non-finite loss {loss} / grad norm {result.grad_norm}; "
+                        "train.on_nonfinite=halt stopped the run and saved nothing new "
+                        "(lower optim.lr, use precision=bf16, or train.on_nonfinite=skip)"
+                    )
+                state.skipped_steps += 1
+            state.step += 1
+            state.tokens_seen += int(n_tokens)
+            dt = time.perf_counter() - t0
+            record = _record(state, plan, cfg, env, loss, result, n_tokens, dt, lr, flops_per_token,
+                             device, comm_counts)  # fmt: skip
+            sink.write(record)
+            progress.update(record)
+            if cfg.train.eval_every and (state.step % cfg.train.eval_every == 0
+                                         or state.step == cfg.train.max_steps):  # fmt: skip
+                ev = evaluate(backend, val_set, plan, cfg, env, device, corpus.tokenizer.pad_token_id)
+                sink.write({"step": state.step, **ev})
+                progress.note(f"step {state.step}: eval_loss {ev['eval_loss']:.4f}")
+            stopping = stop.requested()
+            checkpoint.maybe_save(cfg, run_dir, backend, state, plan, final=stopping)
+            if stopping:
+                progress.note(f"stop signal: checkpointed at step {state.step}, exiting")
+                break
+    finally:
+        progress.close()
+        sink.close()
+        stop.uninstall()
+        backend.close()
+    return record
+
+
+def _record(state, plan: BatchPlan, cfg, env, loss, result, n_tokens, dt, lr, fpt, device, comm):
+    tokens_per_s = n_tokens / dt if dt > 0 else 0.0
+    peak = cfg.hardware.bf16_tflops * 1e12 * env.world_size
+    return {
+        "step": state.step,
+        "loss": loss,
+        "grad_norm": result.grad_norm,
+        "lr": lr,
+        "tokens": int(n_tokens),
+        "samples": plan.global_batch_size,
+        "accumulation_steps": plan.accumulation_steps,
+        "micro_batch_size": plan.micro_batch_size,
+        "world_size": env.world_size,
+        "step_time_s": dt,
+        "tokens_per_s": tokens_per_s,
+        "mfu": fpt * tokens_per_s / peak,
+        "peak_mem_bytes": peak_memory_bytes(device),
+        "skipped": bool(result.skipped),
+        "skipped_steps": state.skipped_steps,
+        "tokens_seen": state.tokens_seen,
+        "comm": comm,
+    }
+
+
+@torch.no_grad()
+def evaluate(backend, val_set, plan, cfg, env, device, pad_id) -> dict:
+    """Token-weighted validation loss over the same batches on any world size."""
+    losses, tokens = [], 0
+    for batch in eval_batches(val_set, plan.micro_batch_size, cfg.train.eval_batches, env.rank,
+                              env.world_size, pad_id):  # fmt: skip
+        losses.append(backend.eval_loss(batch, functools.partial(token_loss, norm=1.0)))
+        tokens += count_targets([batch])
+    with CommCounter.instance().suspended():
+        sums = distributed.all_reduce_tensor([torch.stack(losses).sum(), tokens], device)
+    total, tokens = sums.tolist()
+    loss = total / max(tokens, 1.0)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(tokens)}
+
+
+class _progress:
+    """tqdm on rank 0 only (step, loss, tokens/s); silent elsewhere."""
+
+    def __init__(self, cfg, env, start: int):
+        self.bar = None
+        self.every = cfg.train.log_every
+        if env.is_main and cfg.logging.progress:
+            from tqdm import tqdm
+
+            # Redrawn in place on a terminal; in a log file only the periodic lines are written.
+            self.bar = tqdm(total=cfg.train.max_steps, initial=start, desc="train", file=sys.stdout,
+                            mininterval=1.0, dynamic_ncols=True,
+                            disable=not sys.stdout.isatty())  # fmt: skip
+        self.first_loss = None
+        self.main = env.is_main
+
+    def update(self, r: dict) -> None:
+        if self.first_loss is None:
+            self.first_loss = r["loss"]
+            if self.main:
+                self.note(f"step {r['step']}: first loss {r['loss']:.4f}")
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{r['loss']:.3f}", tok_s=f"{r['tokens_per_s']:.0f}", refresh=False)
+            self.bar.update(1)
+        if self.main and (r["step"] % self.every == 0):
+            self.note(f"step {r['step']}: loss {r['loss']:.4f} grad_norm {r['grad_norm']:.3f} "
+                      f"lr {r['lr']:.2e} tokens/s {r['tokens_per_s']:.0f}")  # fmt: skip
+
+    def note(self, text: str) -> None:
+        if not self.main:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
