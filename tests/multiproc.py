@@ -49,7 +49,7 @@ def _entry(rank, fn, world_size, port, args, queue, env):
 def run_on_ranks(fn, world_size: int = 2, args: tuple = (), env: dict | None = None,
                  timeout: float = 600) -> list:  # fmt: skip
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    queue = ctx.Queue()
     port = free_port()
     procs = [
         ctx.Process(target=_entry, args=(r, fn, world_size, port, args, queue, env or {}))
@@ -59,13 +59,26 @@ def run_on_ranks(fn, world_size: int = 2, args: tuple = (), env: dict | None = N
         p.start()
     results: dict[int, object] = {}
     errors = []
-    for _ in range(world_size):
-        rank, status, value = queue.get()
+    import queue as queue_mod
+    import time
+
+    deadline = time.monotonic() + timeout
+    while len(results) < world_size and not errors:
+        try:
+            rank, status, value = queue.get(timeout=1.0)
+        except queue_mod.Empty:
+            dead = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if dead:  # a rank died without reporting (crash, signal)
+                time.sleep(1.0)
+                if queue.empty():
+                    errors.append(f"ranks died without a result: {dead}")
+            elif time.monotonic() > deadline:
+                errors.append(f"no result within {timeout}s")
+            continue
         if status == "ok":
             results[rank] = value
         else:
             errors.append(f"rank {rank}:\n{value}")
-            break
     for p in procs:
         p.join(timeout=30 if errors else timeout)
         if p.is_alive():

@@ -42,7 +42,9 @@ def _user_error(exc: BaseException) -> str | None:
         return str(exc)
     if isinstance(exc, (HydraException, OmegaConfBaseException)):
         text = str(exc).strip().splitlines()
-        msg = " ".join(line.strip() for line in text if line.strip() and not line.startswith("    "))
+        msg = " ".join(
+            line.strip() for line in text if line.strip() and not line.startswith("    ")
+        )
         cause = exc.__cause__ or exc.__context__
         if cause is not None and str(cause) not in msg:
             msg += f" ({str(cause).splitlines()[0]})"
@@ -68,7 +70,10 @@ def main(argv: list[str], conf_dir: str | None = None) -> int:
     if any(a in ("-m", "--multirun") for a in argv) or any(a.startswith("hydra/") for a in argv):
         return _hydra_main(argv, conf_dir or default_conf_dir())
     if argv and argv[0] in ("-h", "--help"):
-        print(__doc__ + "\nOverrides: key=value (e.g. backend=fsdp train.micro_batch_size=2); see conf/.")
+        print(
+            __doc__
+            + "\nOverrides: key=value (e.g. backend=fsdp train.micro_batch_size=2); see conf/."
+        )
         return 0
     try:
         cfg = compose(argv, conf_dir)

@@ -159,7 +159,9 @@ BACKENDS = ("ddp", "zero1", "zero2", "zero3", "fsdp", "hsdp")
 
 def _one_of(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
-        raise ValueError(f"{name}={value!r} is not valid: choose one of {', '.join(map(str, choices))}")
+        raise ValueError(
+            f"{name}={value!r} is not valid: choose one of {', '.join(map(str, choices))}"
+        )
 
 
 def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
@@ -237,7 +239,9 @@ def validate(cfg: Any) -> None:
         raise ValueError(f"data.val_fraction={cfg.data.val_fraction} must be within (0, 1)")
     _positive("data.max_documents", cfg.data.max_documents)
     if cfg.data.tokenizer is None and cfg.data.vocab_size < 260:
-        raise ValueError(f"data.vocab_size={cfg.data.vocab_size} must be >= 260 (256 bytes + specials)")
+        raise ValueError(
+            f"data.vocab_size={cfg.data.vocab_size} must be >= 260 (256 bytes + specials)"
+        )
     _validate_data_path(cfg.data)
 
     m = cfg.model
@@ -262,14 +266,18 @@ def validate(cfg: Any) -> None:
             "use backend=zero1|zero2|zero3 or remove backend.deepspeed_config"
         )
     if cfg.backend.offload_param and cfg.backend.name != "zero3":
-        raise ValueError("backend.offload_param needs backend=zero3 (only ZeRO-3 partitions parameters)")
+        raise ValueError(
+            "backend.offload_param needs backend=zero3 (only ZeRO-3 partitions parameters)"
+        )
     if cfg.precision == "fp16" and cfg.backend.name in ("fsdp", "hsdp"):
         raise ValueError(
             f"precision=fp16 with backend={cfg.backend.name}: FSDP2 has no sharded fp16 loss scaler "
             "here; use precision=bf16"
         )
     if cfg.resume not in ("none", "auto") and not os.path.exists(cfg.resume):
-        raise ValueError(f"resume={cfg.resume!r}: no such checkpoint (use resume=auto or resume=none)")
+        raise ValueError(
+            f"resume={cfg.resume!r}: no such checkpoint (use resume=auto or resume=none)"
+        )
 
 
 def _looks_local(path: str) -> bool:
@@ -282,8 +290,11 @@ def _validate_data_path(data: Any) -> None:
     if not data.path:
         raise ValueError(
             f"data={data.name} needs data.path: "
-            + ("a file, folder or glob of jsonl/json/parquet/txt files" if data.name == "files"
-               else "a hub dataset id or a local dataset folder")  # fmt: skip
+            + (
+                "a file, folder or glob of jsonl/json/parquet/txt files"
+                if data.name == "files"
+                else "a hub dataset id or a local dataset folder"
+            )  # fmt: skip
         )
     if data.name == "files" and not glob.glob(os.path.expanduser(data.path), recursive=True):
         raise ValueError(f"data.path={data.path!r} matches no file or folder")

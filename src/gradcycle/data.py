@@ -89,7 +89,9 @@ def load_texts(data_cfg) -> list[str]:
         builder, files = None, []
     try:
         if builder == "text":
-            ds = datasets.load_dataset("text", data_files=files, sample_by="document", split="train")
+            ds = datasets.load_dataset(
+                "text", data_files=files, sample_by="document", split="train"
+            )
         elif builder is not None:
             ds = datasets.load_dataset(builder, data_files=files, split="train")
         elif os.path.isfile(os.path.join(data_cfg.path, "state.json")):
@@ -180,7 +182,9 @@ def _fingerprint(data_cfg, tokenizer_name: str) -> str:
         "python": sys.version_info[:2] if data_cfg.name == "stdlib" else None,
     }
     if data_cfg.path and data_cfg.name == "files":
-        key["files"] = [(f, os.path.getmtime(f), os.path.getsize(f)) for f in _data_files(data_cfg.path)[1]]
+        key["files"] = [
+            (f, os.path.getmtime(f), os.path.getsize(f)) for f in _data_files(data_cfg.path)[1]
+        ]
     return hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:16]
 
 
@@ -283,7 +287,12 @@ class GlobalBatches:
     """
 
     def __init__(self, samples: TokenSamples, global_batch: int, seed: int, pad_id: int):
-        self.samples, self.global_batch, self.seed, self.pad_id = samples, global_batch, seed, pad_id
+        self.samples, self.global_batch, self.seed, self.pad_id = (
+            samples,
+            global_batch,
+            seed,
+            pad_id,
+        )
         self._perm_epoch, self._perm = -1, None
 
     def _index(self, position: int) -> int:
@@ -308,7 +317,9 @@ class GlobalBatches:
         ]
 
 
-def eval_batches(samples: TokenSamples, micro: int, n_batches: int, rank: int, world: int, pad_id: int):
+def eval_batches(
+    samples: TokenSamples, micro: int, n_batches: int, rank: int, world: int, pad_id: int
+):
     """n_batches micro-batches per rank from the validation split, the same count on every rank.
 
     Equal counts matter: sharded backends run collectives inside forward, so a rank with one

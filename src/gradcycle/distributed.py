@@ -93,7 +93,9 @@ def read_env(env=None) -> DistEnv:
     if "RANK" in env or "WORLD_SIZE" in env:  # torchrun, deepspeed launcher, or already mapped
         missing = [v for v in ("RANK", "WORLD_SIZE") if v not in env]
         if missing:
-            raise ValueError(f"{' and '.join(missing)} missing: launchers set RANK and WORLD_SIZE together")
+            raise ValueError(
+                f"{' and '.join(missing)} missing: launchers set RANK and WORLD_SIZE together"
+            )
         rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
         local = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
         launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else (
@@ -114,7 +116,9 @@ def read_env(env=None) -> DistEnv:
     else:
         return DistEnv()
     if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is outside world size {world}: check the launcher's variables")
+        raise ValueError(
+            f"rank {rank} is outside world size {world}: check the launcher's variables"
+        )
     if not 0 <= local <= rank:
         raise ValueError(f"local rank {local} cannot exceed global rank {rank}")
     if world > 1 and not addr:

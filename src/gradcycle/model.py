@@ -103,7 +103,9 @@ def _checkpointed(inner, *args, **kwargs):
     return checkpoint(inner, *args, use_reentrant=False, **kwargs)
 
 
-def batchnorm_guard(model: nn.Module, micro_batch_size: int, sync_batchnorm: bool, distributed: bool):
+def batchnorm_guard(
+    model: nn.Module, micro_batch_size: int, sync_batchnorm: bool, distributed: bool
+):
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if not has_bn:
         return model

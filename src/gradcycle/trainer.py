@@ -28,7 +28,12 @@ from gradcycle.backends import build_backend
 from gradcycle.batching import BatchPlan, lr_at, plan_from_config
 from gradcycle.config import validate
 from gradcycle.data import IGNORE_INDEX, GlobalBatches, eval_batches, load_corpus, split_corpus
-from gradcycle.model import apply_activation_checkpointing, batchnorm_guard, build_model, count_params
+from gradcycle.model import (
+    apply_activation_checkpointing,
+    batchnorm_guard,
+    build_model,
+    count_params,
+)
 from gradcycle.telemetry import CommCounter, MetricsSink, model_flops_per_token, peak_memory_bytes
 
 
@@ -97,13 +102,17 @@ def run(cfg) -> dict:
         apply_activation_checkpointing(model, ac.mode, ac.every)
         return batchnorm_guard(model, plan.micro_batch_size, cfg.model.sync_batchnorm, is_dist)
 
-    backend = build_backend(cfg, make_model, device, env.world_size)
+    backend = build_backend(cfg, make_model, device, env.world_size, run_dir)
     n_params = count_params(backend.module)
     state = State()
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         print(plan.table(), flush=True)
-        print(backend.sync_plan(plan.accumulation_steps).table(cfg.backend.name, plan.accumulation_steps))
+        print(
+            backend.sync_plan(plan.accumulation_steps).table(
+                cfg.backend.name, plan.accumulation_steps
+            )
+        )
         print(f"model: {n_params / 1e6:.2f}M parameters, run dir: {run_dir}", flush=True)
         cfg_path = run_dir / "config.yaml"
         if not cfg_path.exists():
@@ -113,7 +122,9 @@ def run(cfg) -> dict:
         print(f"resumed from {resumed_from} at step {state.step}", flush=True)
 
     sink = MetricsSink(run_dir, cfg, env.is_main, OmegaConf.to_container(cfg, resolve=True))
-    batches = GlobalBatches(train_set, plan.global_batch_size, cfg.seed, corpus.tokenizer.pad_token_id)
+    batches = GlobalBatches(
+        train_set, plan.global_batch_size, cfg.seed, corpus.tokenizer.pad_token_id
+    )
     flops_per_token = model_flops_per_token(
         n_params, cfg.model.num_layers, cfg.model.hidden_size, cfg.data.seq_len
     )
@@ -158,7 +169,9 @@ def run(cfg) -> dict:
             progress.update(record)
             if cfg.train.eval_every and (state.step % cfg.train.eval_every == 0
                                          or state.step == cfg.train.max_steps):  # fmt: skip
-                ev = evaluate(backend, val_set, plan, cfg, env, device, corpus.tokenizer.pad_token_id)
+                ev = evaluate(
+                    backend, val_set, plan, cfg, env, device, corpus.tokenizer.pad_token_id
+                )
                 sink.write({"step": state.step, **ev})
                 progress.note(f"step {state.step}: eval_loss {ev['eval_loss']:.4f}")
             stopping = stop.requested()
@@ -235,7 +248,9 @@ class _progress:
             if self.main:
                 self.note(f"step {r['step']}: first loss {r['loss']:.4f}")
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{r['loss']:.3f}", tok_s=f"{r['tokens_per_s']:.0f}", refresh=False)
+            self.bar.set_postfix(
+                loss=f"{r['loss']:.3f}", tok_s=f"{r['tokens_per_s']:.0f}", refresh=False
+            )
             self.bar.update(1)
         if self.main and (r["step"] % self.every == 0):
             self.note(f"step {r['step']}: loss {r['loss']:.4f} grad_norm {r['grad_norm']:.3f} "

@@ -7,6 +7,7 @@ backends/base.py). The trainer never branches on the backend's name.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -16,9 +17,10 @@ __all__ = ["Backend", "StepResult", "SyncPlan", "build_backend"]
 
 
 def build_backend(cfg, make_model: Callable[[str], torch.nn.Module], device: torch.device,
-                  world: int) -> Backend:  # fmt: skip
+                  world: int, run_dir: Path) -> Backend:  # fmt: skip
     """`make_model(device)` builds the plain model (activation checkpointing applied) on "cpu" or
-    "meta"; the backend decides where and how (meta + shard, zero.Init, or a full copy)."""
+    "meta"; the backend decides where and how (meta + shard, zero.Init, or a full copy).
+    `run_dir` is where a backend may write its own generated files (e.g. ds_config.json)."""
     name = cfg.backend.name
     if name == "ddp":
         from gradcycle.backends.ddp import DDPBackend
@@ -31,5 +33,5 @@ def build_backend(cfg, make_model: Callable[[str], torch.nn.Module], device: tor
     if name in ("zero1", "zero2", "zero3"):
         from gradcycle.backends.deepspeed import DeepSpeedBackend
 
-        return DeepSpeedBackend(cfg, make_model, device, world)
+        return DeepSpeedBackend(cfg, make_model, device, world, run_dir)
     raise AssertionError(f"unvalidated backend {name!r}")  # config.validate() rejects it first

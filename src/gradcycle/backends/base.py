@@ -17,7 +17,6 @@ from torch import nn
 from gradcycle.telemetry import CommCounter
 
 
-
 @dataclass
 class StepResult:
     grad_norm: float  # total norm before clipping, all ranks
@@ -67,6 +66,19 @@ class Backend:
         raise NotImplementedError
 
     def sync_plan(self, k: int) -> SyncPlan:
+        raise NotImplementedError
+
+    # -- checkpoint / export (all collective: every rank calls them) -----------------------
+    def save_state(self, path) -> None:
+        """Write model + optimizer (+ scaler) state, sharded, into directory `path`."""
+        raise NotImplementedError
+
+    def load_state(self, path) -> None:
+        """Restore what save_state wrote (possibly from another world size where supported)."""
+        raise NotImplementedError
+
+    def full_state_dict(self) -> dict | None:
+        """The plain model's full CPU state dict (HF keys) on rank 0; None on other ranks."""
         raise NotImplementedError
 
     def close(self) -> None:

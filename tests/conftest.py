@@ -1,0 +1,65 @@
+"""Shared test setup: one tokenizer/corpus cache per session, small configs, the rank helper."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/multiproc.py
+
+# Inherited by spawned ranks and subprocesses: the corpus is tokenised once per session.
+os.environ.setdefault("GRADCYCLE_CACHE", tempfile.mkdtemp(prefix="gradcycle-cache-"))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+# A model and data small enough for many runs on 2 cores; still a real Llama and real data.
+TINY = [
+    "experiment=cpu_smoke",
+    "data.max_documents=300",
+    "logging.progress=false",
+    "train.eval_every=0",
+]
+
+
+def compose(overrides: list[str]):
+    from gradcycle.cli import compose as _compose
+
+    return _compose(overrides, str(ROOT / "conf"))
+
+
+def read_metrics(run_dir) -> list[dict]:
+    lines = Path(run_dir, "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def train_steps(run_dir, overrides: list[str]) -> list[dict]:
+    """Run the real trainer in this process (world 1) and return its step records."""
+    from gradcycle.trainer import run
+
+    run(compose([*TINY, f"run_dir={run_dir}", *overrides]))
+    return [r for r in read_metrics(run_dir) if "loss" in r]
+
+
+def rank_train(rank: int, world: int, jobs: list[tuple[str, list[str]]]) -> list[list[dict]]:
+    """For run_on_ranks: train each (run_dir, overrides) job in turn on this rank; rank 0 returns
+    each job's step records (others return []). One spawn serves many configurations."""
+    from gradcycle.trainer import run
+
+    out = []
+    for run_dir, overrides in jobs:
+        run(compose([*TINY, f"run_dir={run_dir}", *overrides]))
+        out.append([r for r in read_metrics(run_dir) if "loss" in r] if rank == 0 else [])
+    return out
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    return ROOT
