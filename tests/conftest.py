@@ -60,6 +60,30 @@ def rank_train(rank: int, world: int, jobs: list[tuple[str, list[str]]]) -> list
     return out
 
 
+def _write_ragged_corpus(path: Path) -> Path:
+    """Documents of 20..600 characters cut from the stdlib corpus: sequence lengths vary > 10x, so
+    `data.packing=false` batches are ragged (the stdlib files themselves mostly exceed seq_len)."""
+    if path.exists():
+        return path
+    from gradcycle.data import stdlib_files
+
+    text = "".join(Path(f).read_text(encoding="utf-8") for f in stdlib_files()[:40])
+    docs, pos, i = [], 0, 0
+    while len(docs) < 400:
+        n = 20 + (i * 7919) % 580  # deterministic, spread over 20..600 characters
+        docs.append(text[pos : pos + n])
+        pos, i = pos + n, i + 1
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    tmp.replace(path)
+    return path
+
+
+RAGGED_DATA = _write_ragged_corpus(Path(os.environ["GRADCYCLE_CACHE"]) / "ragged.jsonl")
+# Ragged, one document per sample: the setting where wrong normalisation shows.
+RAGGED = ["data=files", f"data.path={RAGGED_DATA}", "data.packing=false", "data.seq_len=128"]
+
+
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT

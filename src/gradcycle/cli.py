@@ -8,6 +8,7 @@ setup on every rank); `-m/--multirun` goes through `@hydra.main` so sweeps and l
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -42,25 +43,30 @@ def _user_error(exc: BaseException) -> str | None:
         return str(exc)
     if isinstance(exc, (HydraException, OmegaConfBaseException)):
         text = str(exc).strip().splitlines()
-        msg = " ".join(
-            line.strip() for line in text if line.strip() and not line.startswith("    ")
-        )
+        msg = " ".join(line.strip() for line in text if line.strip() and not line.startswith("    "))
+        msg = re.sub(r"\s*Config search path:.*", "", msg)
+        unknown = re.search(r"Could not override '([^']+)'", msg)
+        if unknown:
+            return (
+                f"unknown config key '{unknown.group(1)}': check its spelling against "
+                "conf/config.yaml (every key is typed in gradcycle/config.py)"
+            )
         cause = exc.__cause__ or exc.__context__
         if cause is not None and str(cause) not in msg:
             msg += f" ({str(cause).splitlines()[0]})"
-        return msg + " - see conf/ for valid groups and keys, or `python train.py --help`"
+        return msg + " - see conf/ for the valid groups and keys"
     return None
 
 
-def _fail(message: str, code: int) -> int:
+def _fail(message: str, code: int, every_rank: bool = False) -> int:
     rank = os.environ.get("RANK", "0")
-    if rank == "0":
+    if rank == "0" or every_rank:  # launch errors may hit only some ranks: each one reports
         print(f"gradcycle: error: {message}", file=sys.stderr, flush=True)
     return code
 
 
 def main(argv: list[str], conf_dir: str | None = None) -> int:
-    from gradcycle.distributed import strip_local_rank_args
+    from gradcycle.distributed import LaunchError, strip_local_rank_args
     from gradcycle.trainer import NonFiniteHalt, run
 
     try:
@@ -84,7 +90,7 @@ def main(argv: list[str], conf_dir: str | None = None) -> int:
         message = _user_error(e)
         if message is None:
             raise
-        return _fail(message, EXIT_USAGE)
+        return _fail(message, EXIT_USAGE, every_rank=isinstance(e, LaunchError))
     return 0
 
 

@@ -50,7 +50,7 @@ def build_model(model_cfg, vocab_size: int, device: str | torch.device = "cpu") 
         model = AutoModelForCausalLM.from_pretrained(
             model_cfg.pretrained,
             trust_remote_code=model_cfg.trust_remote_code,
-            torch_dtype=torch.float32,
+            dtype=torch.float32,
             attn_implementation="sdpa",
         )
         model.config.use_cache = False
