@@ -1,46 +1,399 @@
-"""Checkpoints: save / load / atomic rename / latest / keep-N. THE place checkpoints are written.
+"""Checkpoints: save, validate, resume, keep-N. THE place checkpoints are written and read.
 
-Layout: run_dir/checkpoints/step_<N>/ holding the backend's sharded state (DCP or DeepSpeed) and
-trainer.json (+ per-rank RNG states). A checkpoint is written under a temporary name and renamed
-when complete; `latest` is updated last, so a crash mid-write leaves the previous one valid.
+Layout (every rank writes its own shards; the run dir must be on a filesystem all ranks share):
+
+    run_dir/checkpoints/
+        latest                 "step_<N>": written last, atomically (temp file + rename)
+        step_<N>/
+            state/             the backend's sharded model + optimizer (+ scaler) state:
+                               DCP for ddp/fsdp/hsdp, DeepSpeed's save_checkpoint for zero1-3
+            rng/rank_<r>.pt    every rank's RNG states
+            hf/                HF config.json + tokenizer files (what export needs besides weights)
+            config.yaml        the resolved run config
+            trainer.json       step, tokens seen, skipped steps, batch plan, model shapes, and the
+                               size of every file above: written last, so it marks completeness
+
+A checkpoint is written as `.tmp-step_<N>` and renamed when every rank's shards are on disk; only
+then does `latest` move. A crash at any moment leaves the previous checkpoint and `latest` valid.
+`checkpoint.keep=N` then deletes only complete checkpoints older than the one just written.
+
+The data position needs no state of its own: global batch `s` is a pure function of (seed, data,
+global batch size, s) (data.GlobalBatches), and the LR schedule is a pure function of the step.
 """
 
 from __future__ import annotations
 
-import signal
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from gradcycle.faults import Faults
+from gradcycle.safe_load import dcp_reader, weights_only_loads
+from gradcycle.telemetry import CommCounter
+
+FORMAT_VERSION = 1
+LATEST = "latest"
+TMP = ".tmp-"  # a checkpoint being written
+TRASH = ".del-"  # a checkpoint being deleted (renamed first, so no half-deleted step_<N> exists)
+_STEP_DIR = re.compile(r"step_(\d+)")
+# Model fields that change parameter shapes: a mismatch is named by field, not only by tensor.
+SHAPE_FIELDS = ("pretrained", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                "intermediate_size", "vocab_size", "tie_embeddings")  # fmt: skip
 
 
-class StopSignal:
-    """SIGTERM / SIGUSR1 (Slurm preemption) -> checkpoint at the next boundary and exit 0."""
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
 
-    def __init__(self):
-        self._flag = False
-        self._previous = {}
 
-    @classmethod
-    def install(cls) -> StopSignal:
-        stop = cls()
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def state_format(backend_name: str) -> str:
+    return "deepspeed" if backend_name.startswith("zero") else "dcp"
+
+
+# ---------------------------------------------------------------- finding checkpoints
+
+
+def step_of(path: Path) -> int:
+    m = _STEP_DIR.fullmatch(path.name)
+    return int(m.group(1)) if m else -1
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """step_<N> dirs holding trainer.json, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if step_of(p) >= 0 and (p / "trainer.json").is_file()]
+    return sorted(found, key=step_of)
+
+
+def find_latest(root: Path) -> Path | None:
+    """The checkpoint `latest` names; without a pointer, the newest complete one; else None."""
+    pointer = root / LATEST
+    if pointer.exists():
+        name = pointer.read_text(errors="replace").strip()
+        target = root / name
+        if step_of(target) < 0 or not (target / "trainer.json").is_file():
+            raise ValueError(
+                f"{pointer} names {name!r}, which is not a complete checkpoint in {root}: point "
+                "it at an existing step_<N> directory or resume=<path to a checkpoint>"
+            )
+        return target
+    done = complete_checkpoints(root)
+    return done[-1] if done else None
+
+
+def resolve(path: str | Path) -> Path:
+    """A step dir, a checkpoints dir or a run dir -> one step dir (the latest where not explicit)."""
+    path = Path(path).expanduser().resolve()
+    if (path / "trainer.json").is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        if (root / LATEST).exists() or complete_checkpoints(root):
+            found = find_latest(root)
+            if found is not None:
+                return found
+    if path.name.startswith(TMP) or step_of(path) >= 0:
+        raise ValueError(
+            f"{path / 'trainer.json'} is missing: {path} is an incomplete checkpoint (its write "
+            "was interrupted); use the run's `latest` checkpoint instead"
+        )
+    raise ValueError(f"{path}: not a checkpoint (no trainer.json) and holds no checkpoints/latest")
+
+
+def read_meta(step_dir: Path) -> dict:
+    path = step_dir / "trainer.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f"{path} is unreadable or corrupt ({e}): resume from another checkpoint"
+        ) from e
+    missing = [k for k in ("format_version", "step", "state", "format", "files", "params")
+               if not isinstance(meta, dict) or k not in meta]  # fmt: skip
+    if missing:
+        raise ValueError(f"{path}: field(s) {', '.join(missing)} missing: the file is corrupt")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format_version={meta['format_version']}, this gradcycle reads "
+            f"{FORMAT_VERSION}"
+        )
+    return meta
+
+
+def check_files(step_dir: Path, meta: dict) -> None:
+    """Every file trainer.json lists exists with its recorded size, and the metadata parses."""
+    for rel, size in sorted(meta["files"].items()):
+        path = step_dir / rel
+        if not path.is_file():
+            raise ValueError(
+                f"{path} is missing (trainer.json lists it): the checkpoint is incomplete; "
+                "resume from an earlier one with resume=<path>"
+            )
+        if path.stat().st_size != size:
+            raise ValueError(
+                f"{path} has {path.stat().st_size} bytes, trainer.json records {size}: the file "
+                "is truncated or corrupt; resume from an earlier checkpoint with resume=<path>"
+            )
+    if meta["format"] == "dcp":
+        metadata = step_dir / "state" / ".metadata"
+        try:
+            dcp_reader(step_dir / "state").read_metadata()
+        except Exception as e:  # unpickling garbage raises anything
+            raise ValueError(f"{metadata} is corrupt ({type(e).__name__}: {e})") from e
+
+
+def param_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
+    """Full parameter shapes, whatever the sharding (DTensor: global shape; ZeRO-3: ds_shape)."""
+    return {name: list(getattr(p, "ds_shape", None) or p.shape)
+            for name, p in module.named_parameters()}  # fmt: skip
+
+
+# ---------------------------------------------------------------- RNG states
+
+
+def rng_state() -> dict:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    name, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = s["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _discard(path: Path) -> None:
+    """Delete a directory so that no half-deleted copy keeps a name that looks valid."""
+    trash = path.with_name(TRASH + path.name)
+    shutil.rmtree(trash, ignore_errors=True)
+    path.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the checkpointer
+
+
+class Checkpointer:
+    """Save / resume for one run. Every method is collective: all ranks call it."""
+
+    def __init__(self, cfg, run_dir: Path, backend, plan, tokenizer=None, faults=None):
+        self.cfg, self.backend, self.plan, self.tokenizer = cfg, backend, plan, tokenizer
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / "checkpoints"
+        self.rank = _rank()
+        self.world = plan.world_size
+        self.faults = faults if faults is not None else Faults.from_env(self.rank)
+        self.format = state_format(cfg.backend.name)
+
+    # -- resume ----------------------------------------------------------------------------
+    def resume(self, state) -> Path | None:
+        """Apply cfg.resume to `state` and the backend. Every check runs before anything is
+        written: bad input raises ValueError naming the file or field, the run dir untouched."""
+        mode = self.cfg.resume
+        if mode == "none":
+            if (self.root / LATEST).exists() or complete_checkpoints(self.root):
+                raise ValueError(
+                    f"run_dir={self.run_dir} already holds checkpoints and resume=none would "
+                    "overwrite them: use resume=auto to continue that run, or a new run_dir"
+                )
+            return None
+        path = find_latest(self.root) if mode == "auto" else resolve(mode)
+        if path is None:  # resume=auto with nothing saved yet: a fresh start
+            self._supersede_metrics(0)
+            return None
+        meta = read_meta(path)
+        check_files(path, meta)
+        self._check_compatible(path, meta)
+        comm = CommCounter.instance()
+        with comm.suspended(), weights_only_loads():
+            self.backend.load_state(path / "state")
+            rng_file = path / "rng" / f"rank_{self.rank}.pt"
+            if rng_file.is_file():  # absent when resuming on more ranks than were saved
+                set_rng_state(torch.load(rng_file, weights_only=True))
+        comm.take()  # the load's collectives belong to no training step
+        for key, value in meta["state"].items():
+            if hasattr(state, key):
+                setattr(state, key, value)
+        self._supersede_metrics(state.step)
+        return path
+
+    def _check_compatible(self, path: Path, meta: dict) -> None:
+        where = path / "trainer.json"
+        if meta["format"] != self.format:
+            raise ValueError(
+                f"{where}: written by backend={meta.get('backend')} ({meta['format']} format); "
+                f"backend={self.cfg.backend.name} reads {self.format} checkpoints: resume with "
+                f"backend={meta.get('backend')}, or export it (python -m gradcycle.export) and "
+                "start from model.pretrained=<export dir>"
+            )
+        if self.format == "deepspeed" and meta.get("world_size") != self.world:
+            raise ValueError(
+                f"{where}: DeepSpeed ZeRO partitions are saved per rank for world size "
+                f"{meta.get('world_size')}, this run has {self.world}: resume on "
+                f"{meta.get('world_size')} ranks (DCP backends ddp/fsdp/hsdp reshard on load)"
+            )
+        saved_model = meta.get("model", {})
+        for key in SHAPE_FIELDS:
+            if key in saved_model and saved_model[key] != self.cfg.model.get(key):
+                raise ValueError(
+                    f"{where}: the checkpoint has model.{key}={saved_model[key]!r}, this config "
+                    f"has model.{key}={self.cfg.model.get(key)!r}: resume with the same model"
+                )
+        ours = param_shapes(self.backend.module)
+        theirs = meta["params"]
+        for name in sorted(set(ours) | set(theirs)):
+            if ours.get(name) != theirs.get(name):
+                raise ValueError(
+                    f"{where}: parameter {name} has shape {theirs.get(name)} in the checkpoint "
+                    f"and {ours.get(name)} in this model (None = absent): the checkpoint belongs "
+                    "to a different model shape (check model.* and the tokenizer's vocabulary)"
+                )
+        if meta.get("global_batch_size") != self.plan.global_batch_size:
+            raise ValueError(
+                f"{where}: trained with a global batch of {meta.get('global_batch_size')} "
+                f"samples, this run's plan gives {self.plan.global_batch_size}: set "
+                f"train.global_batch_size={meta.get('global_batch_size')} "
+                "train.accumulation_steps=null so the data order and the update stay the same"
+            )
+
+    def _supersede_metrics(self, step: int) -> None:
+        """Records of steps after `step` (from a run killed after that checkpoint) are redone by
+        this run: move them from metrics.jsonl to metrics.superseded.jsonl."""
+        path = self.run_dir / "metrics.jsonl"
+        if self.rank != 0 or not path.is_file():
+            return
+        keep, drop = [], []
+        for line in path.read_text().splitlines(keepends=True):
             try:
-                stop._previous[sig] = signal.signal(sig, stop._handle)
-            except ValueError:  # not the main thread
-                pass
-        return stop
+                record_step = json.loads(line).get("step", 0)
+            except (json.JSONDecodeError, AttributeError):  # a line cut short by the kill
+                record_step = step + 1
+            (drop if record_step > step else keep).append(line if line.endswith("\n")
+                                                          else line + "\n")  # fmt: skip
+        if not drop:
+            return
+        with open(self.run_dir / "metrics.superseded.jsonl", "a") as f:
+            f.writelines(drop)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
 
-    def _handle(self, signum, frame):
-        self._flag = True
+    # -- save ------------------------------------------------------------------------------
+    def due(self, step: int, final: bool) -> bool:
+        c = self.cfg.checkpoint
+        at_end = c.at_end and step == self.cfg.train.max_steps
+        return final or at_end or bool(c.every and step % c.every == 0)
 
-    def requested(self) -> bool:
-        return self._flag
+    def maybe_save(self, state, final: bool = False) -> Path | None:
+        """Save after this step if checkpoint.every / checkpoint.at_end / `final` asks for it."""
+        return self.save(state) if self.due(state.step, final) else None
 
-    def uninstall(self) -> None:
-        for sig, prev in self._previous.items():
-            signal.signal(sig, prev)
+    def save(self, state) -> Path:
+        name = f"step_{state.step}"
+        done, tmp = self.root / name, self.root / f"{TMP}{name}"
+        main = self.rank == 0
+        comm = CommCounter.instance()
+        if main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(f"{TMP}*"):  # writes that died with an earlier run
+                shutil.rmtree(stale, ignore_errors=True)
+            (tmp / "rng").mkdir(parents=True)
+        _barrier()
+        with comm.suspended():
+            self.backend.save_state(tmp / "state")
+            torch.save(rng_state(), tmp / "rng" / f"rank_{self.rank}.pt")
+            _barrier()  # every rank's shards are on disk
+        self.faults.in_save(state.step)
+        if main:
+            self._finish(state, tmp, done)
+        _barrier()
+        comm.take()  # the save's collectives belong to no training step
+        return done
 
+    def _finish(self, state, tmp: Path, done: Path) -> None:
+        """Rank 0: describe the checkpoint, rename it complete, move `latest`, prune."""
+        hf = tmp / "hf"
+        config = getattr(self.backend.module, "config", None)
+        if config is not None:
+            config.save_pretrained(str(hf))
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(hf))
+        OmegaConf.save(self.cfg, tmp / "config.yaml", resolve=True)
+        files = {str(p.relative_to(tmp)): p.stat().st_size
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}  # fmt: skip
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "step": state.step,
+            "state": dataclasses.asdict(state),
+            "format": self.format,
+            "backend": self.cfg.backend.name,
+            "world_size": self.world,
+            "global_batch_size": self.plan.global_batch_size,
+            "micro_batch_size": self.plan.micro_batch_size,
+            "accumulation_steps": self.plan.accumulation_steps,
+            "precision": self.cfg.precision,
+            "seed": self.cfg.seed,
+            "data": OmegaConf.to_container(self.cfg.data, resolve=True),
+            "model": {k: self.cfg.model.get(k) for k in SHAPE_FIELDS},
+            "trust_remote_code": bool(self.cfg.model.trust_remote_code),
+            "params": param_shapes(self.backend.module),
+            "torch": torch.__version__,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "files": files,
+        }
+        _fsync_write(tmp / "trainer.json", json.dumps(meta, indent=1) + "\n")
+        _fsync_dir(tmp)
+        if done.exists():  # the same step saved by an earlier run of this timeline
+            _discard(done)
+        tmp.rename(done)
+        pointer = self.root / f"{LATEST}.tmp"
+        _fsync_write(pointer, done.name + "\n")
+        os.replace(pointer, self.root / LATEST)
+        _fsync_dir(self.root)
+        self._prune(state.step)
 
-def maybe_resume(cfg, run_dir, backend, state):
-    return None
-
-
-def maybe_save(cfg, run_dir, backend, state, plan, final: bool = False) -> None:
-    return None
+    def _prune(self, step: int) -> None:
+        """Keep the `checkpoint.keep` newest complete checkpoints up to `step`; never touch the
+        one just written nor any from a later step (those belong to a superseded timeline)."""
+        older = [p for p in complete_checkpoints(self.root) if step_of(p) < step]
+        excess = len(older) - (self.cfg.checkpoint.keep - 1)
+        for path in older[: max(0, excess)]:
+            _discard(path)

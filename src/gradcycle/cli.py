@@ -43,7 +43,9 @@ def _user_error(exc: BaseException) -> str | None:
         return str(exc)
     if isinstance(exc, (HydraException, OmegaConfBaseException)):
         text = str(exc).strip().splitlines()
-        msg = " ".join(line.strip() for line in text if line.strip() and not line.startswith("    "))
+        msg = " ".join(
+            line.strip() for line in text if line.strip() and not line.startswith("    ")
+        )
         msg = re.sub(r"\s*Config search path:.*", "", msg)
         unknown = re.search(r"Could not override '([^']+)'", msg)
         if unknown:
@@ -108,6 +110,10 @@ def _hydra_main(argv: list[str], conf_dir: str) -> int:
 
         if not cfg.run_dir:  # each sweep job gets its own run dir under the sweep dir
             cfg.run_dir = HydraConfig.get().runtime.output_dir
+        import torch
+
+        if torch.cuda.is_available():  # the basic launcher runs every job in this process
+            torch.cuda.reset_peak_memory_stats()
         return run(cfg)
 
     sys.argv = [sys.argv[0], *argv]

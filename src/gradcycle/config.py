@@ -125,6 +125,16 @@ class HardwareConfig:
     bf16_tflops: float = 1.0  # peak dense bf16 per device, for MFU
     intra_node_gbps: float = 10.0  # per-device bus bandwidth, GB/s
     inter_node_gbps: float = 10.0
+    reserved_gb: float = 0.0  # planner: memory_gb not available to tensors (context, NCCL)
+
+
+@dataclass
+class PlanConfig:
+    """python -m gradcycle.plan, train.micro_batch_size=auto and backend.sync=auto."""
+
+    format: str = "text"  # text | json
+    mfu: float = 0.45  # model FLOPs utilisation assumed for the time and tokens/s estimates
+    headroom: float = 0.9  # recommendations keep the predicted peak below this share of memory
 
 
 @dataclass
@@ -136,7 +146,8 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
     nodes: int = 1
     gpus_per_node: int = 8
-    profile: bool = False
+    profile: bool = False  # torch.profiler trace + time split for profile_steps
+    profile_steps: list[int] = field(default_factory=lambda: [2, 3])  # numbered from 1
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -148,6 +159,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 def register_configs() -> None:
@@ -187,6 +199,11 @@ def validate(cfg: Any) -> None:
     _one_of("train.on_nonfinite", cfg.train.on_nonfinite, ("skip", "halt"))
     _one_of("data.name", cfg.data.name, ("stdlib", "files", "hub"))
     _one_of("logging.wandb.mode", cfg.logging.wandb.mode, ("disabled", "offline", "online"))
+    _one_of("plan.format", cfg.plan.format, ("text", "json"))
+    if not (0 < cfg.plan.mfu <= 1 and 0 < cfg.plan.headroom <= 1):
+        raise ValueError(
+            f"plan.mfu={cfg.plan.mfu} and plan.headroom={cfg.plan.headroom} must be within (0, 1]"
+        )
 
     if cfg.optim.lr <= 0:
         raise ValueError(f"optim.lr={cfg.optim.lr} must be > 0 (e.g. optim.lr=3e-4)")
@@ -212,6 +229,11 @@ def validate(cfg: Any) -> None:
     _positive("backend.dist_timeout_s", cfg.backend.dist_timeout_s)
     _positive("backend.replicate", cfg.backend.replicate)
     _positive("activation_checkpointing.every", cfg.activation_checkpointing.every)
+    if cfg.profile and not any(1 <= s <= cfg.train.max_steps for s in cfg.profile_steps):
+        raise ValueError(
+            f"profile=true but profile_steps={list(cfg.profile_steps)} names no step in "
+            f"1..train.max_steps={cfg.train.max_steps}: e.g. profile_steps=[2,3]"
+        )
 
     # The batch sizes are checked in full by batching.plan_batch once the world size is known.
     mbs = cfg.train.micro_batch_size
@@ -269,6 +291,9 @@ def validate(cfg: Any) -> None:
         raise ValueError(
             "backend.offload_param needs backend=zero3 (only ZeRO-3 partitions parameters)"
         )
+    from gradcycle.backends.ds_config import check_user_config
+
+    check_user_config(cfg)  # DeepSpeed's own rules (batch keys, sync), before any process group
     if cfg.precision == "fp16" and cfg.backend.name in ("fsdp", "hsdp"):
         raise ValueError(
             f"precision=fp16 with backend={cfg.backend.name}: FSDP2 has no sharded fp16 loss scaler "

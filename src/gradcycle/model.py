@@ -55,8 +55,15 @@ def build_model(model_cfg, vocab_size: int, device: str | torch.device = "cpu") 
         )
         model.config.use_cache = False
         return model.to(device)
-    with torch.device(device):
-        return AutoModelForCausalLM.from_config(llama_config(model_cfg, vocab_size))
+    from transformers import initialization
+
+    # Construct without torch's default init, then run HF's init once: exactly what transformers
+    # does under ZeRO-3's zero.Init, so one seed gives the same initial weights on every backend
+    # (a plain from_config draws the default init first and ends on different values).
+    with torch.device(device), initialization.no_init_weights():
+        model = AutoModelForCausalLM.from_config(llama_config(model_cfg, vocab_size))
+    model.initialize_weights()
+    return model
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -122,4 +129,5 @@ def batchnorm_guard(
 
 
 def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    # ZeRO-3 leaves an empty local tensor in each parameter; ds_numel is its full size.
+    return sum(getattr(p, "ds_numel", 0) or p.numel() for p in model.parameters())

@@ -14,6 +14,7 @@ import json
 import os
 import resource
 import threading
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,14 +23,30 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 # leaf function -> (reported op, how to size it). Bytes are those of the full (unsharded) buffer.
+# Callers pass the tensors positionally or by keyword (FSDP2: output=/input=, DeepSpeed: tensor=).
 _LEAVES = {
-    "all_reduce": ("all_reduce", lambda a, k: _nbytes(a[0])),
-    "broadcast": ("broadcast", lambda a, k: _nbytes(a[0])),
-    "all_gather_single": ("all_gather", lambda a, k: _nbytes(a[0])),
-    "all_gather": ("all_gather", lambda a, k: _nbytes(a[1]) * len(a[0])),
-    "reduce_scatter_single": ("reduce_scatter", lambda a, k: _nbytes(a[1])),
-    "reduce_scatter": ("reduce_scatter", lambda a, k: sum(_nbytes(t) for t in a[1])),
+    "all_reduce": ("all_reduce", lambda a, k: _nbytes(_arg(a, k, 0, "tensor"))),
+    "broadcast": ("broadcast", lambda a, k: _nbytes(_arg(a, k, 0, "tensor"))),
+    "all_gather_single": (
+        "all_gather",
+        lambda a, k: _nbytes(_arg(a, k, 0, "output_tensor")),
+    ),
+    "all_gather": (
+        "all_gather",
+        lambda a, k: _nbytes(_arg(a, k, 1, "tensor")) * len(_arg(a, k, 0, "tensor_list") or ()),
+    ),
+    "reduce_scatter_single": ("reduce_scatter", lambda a, k: _nbytes(_arg(a, k, 1, "input"))),
+    "reduce_scatter": (
+        "reduce_scatter",
+        lambda a, k: sum(_nbytes(t) for t in _arg(a, k, 1, "input_list") or ()),
+    ),
 }
+
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str):
+    return args[index] if len(args) > index else kwargs.get(name)
+
+
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
 
 
@@ -108,6 +125,52 @@ def model_flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: in
     return 6.0 * n_params + 12.0 * n_layers * hidden * seq_len
 
 
+def _numel(p: torch.nn.Parameter) -> int:
+    # ZeRO-3 partitions parameters in place (numel 0 locally); ds_numel is the full size.
+    return int(getattr(p, "ds_numel", 0) or p.numel())
+
+
+def flops_per_token(
+    model: torch.nn.Module, seq_len: int, checkpointed: list[int]
+) -> tuple[float, float]:
+    """(model FLOPs, hardware FLOPs) per trained token for a decoder-only LM.
+
+    N counts the parameters that take part in a matmul: the input embedding is a table lookup, so
+    it is left out unless it is tied to the output projection. Hardware FLOPs add the recomputed
+    forward (2·N_layer + 4·h·s per token) of every activation-checkpointed layer: MFU shows useful
+    work, HFU what the device actually ran.
+    """
+    from gradcycle.model import decoder_layers
+
+    cfg = model.config
+    layers = decoder_layers(model)
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skip = set()
+    if embed is not None and (out is None or out.weight is not embed.weight):
+        skip.add(id(embed.weight))
+    n = sum(_numel(p) for p in model.parameters() if id(p) not in skip)
+    hidden, n_layers = cfg.hidden_size, len(layers)
+    model_flops = model_flops_per_token(n, n_layers, hidden, seq_len)
+    recompute = sum(
+        2.0 * sum(_numel(p) for p in layers[i].parameters()) + 4.0 * hidden * seq_len
+        for i in checkpointed
+    )
+    return model_flops, model_flops + recompute
+
+
+def _flatten(record: dict, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a nested record as 'comm/all_reduce/calls' etc. (TensorBoard, wandb)."""
+    out = {}
+    for k, v in record.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and key != "step":
+            out[key] = v
+    return out
+
+
 class MetricsSink:
     """Rank 0 writes metrics.jsonl (+ TensorBoard, wandb); other ranks write nothing."""
 
@@ -137,8 +200,11 @@ class MetricsSink:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
+        # Wall-clock time of the write: differences between records include the whole loop
+        # (bookkeeping and logging too), which is what bench/overhead.py measures.
+        record = {**record, "time": time.time()}
         self.file.write(json.dumps(record) + "\n")
-        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        scalars = _flatten({k: v for k, v in record.items() if k != "time"})
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, record["step"])

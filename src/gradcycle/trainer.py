@@ -28,13 +28,17 @@ from gradcycle.backends import build_backend
 from gradcycle.batching import BatchPlan, lr_at, plan_from_config
 from gradcycle.config import validate
 from gradcycle.data import IGNORE_INDEX, GlobalBatches, eval_batches, load_corpus, split_corpus
+from gradcycle.faults import Faults, StopSignal, requeue_under_slurm
 from gradcycle.model import (
     apply_activation_checkpointing,
     batchnorm_guard,
     build_model,
+    checkpointed_layers,
     count_params,
+    decoder_layers,
 )
-from gradcycle.telemetry import CommCounter, MetricsSink, model_flops_per_token, peak_memory_bytes
+from gradcycle.profiling import StepProfiler
+from gradcycle.telemetry import CommCounter, MetricsSink, flops_per_token, peak_memory_bytes
 
 
 class NonFiniteHalt(RuntimeError):
@@ -58,13 +62,21 @@ def count_targets(micro_batches: list[dict]) -> int:
     return sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches)
 
 
+def _to_device(value: float, device: torch.device) -> torch.Tensor:
+    # A plain host->GPU copy synchronises the stream (it would wait for the previous optimizer
+    # step); a pinned, non-blocking copy keeps the step's only host sync in backend.step().
+    t = torch.tensor(float(value), dtype=torch.float64)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 @dataclass
 class State:
     """What a resumed run needs besides the backend's model and optimizer state."""
 
     step: int = 0  # optimizer steps done == the next global batch to train on
     tokens_seen: int = 0
-    skipped_steps: int = 0
+    skipped_steps: int = 0  # non-finite loss/gradient, train.on_nonfinite=skip
+    overflow_steps: int = 0  # fp16 loss-scaler overflows (the scaler skipped the update)
 
 
 def resolve_run_dir(cfg, env) -> Path:
@@ -105,6 +117,10 @@ def run(cfg) -> dict:
     backend = build_backend(cfg, make_model, device, env.world_size, run_dir)
     n_params = count_params(backend.module)
     state = State()
+    faults = Faults.from_env(env.rank)  # test-only fault injection (GRADCYCLE_FAULT); else no-op
+    ckpt = checkpoint.Checkpointer(cfg, run_dir, backend, plan, corpus.tokenizer, faults)
+    # Before anything is written: a bad checkpoint or resume mismatch leaves the run dir as it was.
+    resumed_from = ckpt.resume(state)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         print(plan.table(), flush=True)
@@ -117,7 +133,6 @@ def run(cfg) -> dict:
         cfg_path = run_dir / "config.yaml"
         if not cfg_path.exists():
             OmegaConf.save(cfg, cfg_path, resolve=True)
-    resumed_from = checkpoint.maybe_resume(cfg, run_dir, backend, state)
     if resumed_from and env.is_main:
         print(f"resumed from {resumed_from} at step {state.step}", flush=True)
 
@@ -125,34 +140,45 @@ def run(cfg) -> dict:
     batches = GlobalBatches(
         train_set, plan.global_batch_size, cfg.seed, corpus.tokenizer.pad_token_id
     )
-    flops_per_token = model_flops_per_token(
-        n_params, cfg.model.num_layers, cfg.model.hidden_size, cfg.data.seq_len
-    )
+    recomputed = checkpointed_layers(len(decoder_layers(backend.module)), ac.mode, ac.every)
+    fpt = flops_per_token(backend.module, cfg.data.seq_len, recomputed)  # (model, hardware)
+    profiler = StepProfiler(cfg.profile, cfg.profile_steps, run_dir, env.rank, device)
     progress = _progress(cfg, env, state.step)
-    stop = checkpoint.StopSignal.install()
+    stop = StopSignal.install()
     record: dict = {}
     try:
         while state.step < cfg.train.max_steps:
+            profiler.start(state.step + 1)  # a no-op unless profile=true chose this step
             t0 = time.perf_counter()
             step = state.step
             # -- the cycle: K micro-batches, one token count, one boundary ---------------------
             micro = batches.cycle(step, env.rank, env.world_size, plan.micro_batch_size)
+            count = _to_device(count_targets(micro), device)
             with comm.suspended():  # the trainer's own collectives are not the backend's
-                n_tokens = distributed.all_reduce_tensor([count_targets(micro)], device)
+                n_tokens = distributed.all_reduce_tensor([count], device)
             loss_fn = functools.partial(token_loss, norm=n_tokens[0].clamp(min=1))
+            loss_fn = faults.wrap_loss(step, loss_fn)  # tests only: an injected NaN/inf
             losses = []
             with backend.cycle():
                 for k, batch in enumerate(micro):
+                    faults.at_micro(step, k)
                     last = k == len(micro) - 1
-                    losses.append(backend.forward_backward(batch, loss_fn, last=last))
+                    with profiler.region("forward_backward"):
+                        losses.append(backend.forward_backward(batch, loss_fn, last=last))
             lr = lr_at(step, plan, cfg.optim.schedule, cfg.train.max_steps, cfg.optim.min_lr_ratio)
-            with comm.suspended():
-                stats = distributed.all_reduce_tensor([torch.stack(losses).sum()], device)
-            result = backend.step(lr, torch.cat([stats, n_tokens]))  # the step's one host sync
+            with comm.suspended():  # stop votes ride along: every rank stops at the same boundary
+                stats = distributed.all_reduce_tensor([torch.stack(losses).sum(), *stop.votes()],
+                                                      device)  # fmt: skip
+            with profiler.region("optimizer_step"):
+                result = backend.step(lr, torch.cat([stats, n_tokens]))  # the step's one host sync
             comm_counts = comm.take()
             # -- bookkeeping ---------------------------------------------------------------------
-            loss, n_tokens = result.stats
-            if result.skipped or not math.isfinite(loss):
+            loss, stop_votes, requeue_votes, n_tokens = result.stats
+            # fp16: a skipped update with a finite loss is a loss-scale overflow, the scaler's job.
+            overflow = result.skipped and cfg.precision == "fp16" and math.isfinite(loss)
+            if overflow:
+                state.overflow_steps += 1
+            elif result.skipped or not math.isfinite(loss):
                 if cfg.train.on_nonfinite == "halt":
                     raise NonFiniteHalt(
                         f"step {step}: non-finite loss {loss} / grad norm {result.grad_norm}; "
@@ -163,8 +189,11 @@ def run(cfg) -> dict:
             state.step += 1
             state.tokens_seen += int(n_tokens)
             dt = time.perf_counter() - t0
-            record = _record(state, plan, cfg, env, loss, result, n_tokens, dt, lr, flops_per_token,
-                             device, comm_counts)  # fmt: skip
+            record = _record(state, plan, cfg, env, loss, result, n_tokens, dt, lr, fpt, device,
+                             comm_counts)  # fmt: skip
+            split = profiler.stop()
+            if split is not None:
+                record["profile"] = split
             sink.write(record)
             progress.update(record)
             if cfg.train.eval_every and (state.step % cfg.train.eval_every == 0
@@ -174,22 +203,25 @@ def run(cfg) -> dict:
                 )
                 sink.write({"step": state.step, **ev})
                 progress.note(f"step {state.step}: eval_loss {ev['eval_loss']:.4f}")
-            stopping = stop.requested()
-            checkpoint.maybe_save(cfg, run_dir, backend, state, plan, final=stopping)
+            stopping = stop_votes > 0
+            ckpt.maybe_save(state, final=stopping)
             if stopping:
                 progress.note(f"stop signal: checkpointed at step {state.step}, exiting")
+                if requeue_votes > 0 and env.is_main:  # SIGUSR1: the time-limit warning
+                    requeue_under_slurm()
                 break
     finally:
         progress.close()
         sink.close()
         stop.uninstall()
         backend.close()
+    progress.summary(record)
     return record
 
 
 def _record(state, plan: BatchPlan, cfg, env, loss, result, n_tokens, dt, lr, fpt, device, comm):
     tokens_per_s = n_tokens / dt if dt > 0 else 0.0
-    peak = cfg.hardware.bf16_tflops * 1e12 * env.world_size
+    peak = cfg.hardware.bf16_tflops * 1e12 * env.world_size  # FLOP/s of all ranks together
     return {
         "step": state.step,
         "loss": loss,
@@ -202,10 +234,12 @@ def _record(state, plan: BatchPlan, cfg, env, loss, result, n_tokens, dt, lr, fp
         "world_size": env.world_size,
         "step_time_s": dt,
         "tokens_per_s": tokens_per_s,
-        "mfu": fpt * tokens_per_s / peak,
+        "mfu": fpt[0] * tokens_per_s / peak,
+        "hfu": fpt[1] * tokens_per_s / peak,  # + recomputed forwards (activation checkpointing)
         "peak_mem_bytes": peak_memory_bytes(device),
         "skipped": bool(result.skipped),
         "skipped_steps": state.skipped_steps,
+        "overflow_steps": state.overflow_steps,
         "tokens_seen": state.tokens_seen,
         "comm": comm,
     }
@@ -226,8 +260,12 @@ def evaluate(backend, val_set, plan, cfg, env, device, pad_id) -> dict:
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(tokens)}
 
 
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f}GiB"
+
+
 class _progress:
-    """tqdm on rank 0 only (step, loss, tokens/s); silent elsewhere."""
+    """tqdm on rank 0 only (step, loss, tokens/s, MFU, peak memory); silent elsewhere."""
 
     def __init__(self, cfg, env, start: int):
         self.bar = None
@@ -248,13 +286,19 @@ class _progress:
             if self.main:
                 self.note(f"step {r['step']}: first loss {r['loss']:.4f}")
         if self.bar is not None:
-            self.bar.set_postfix(
-                loss=f"{r['loss']:.3f}", tok_s=f"{r['tokens_per_s']:.0f}", refresh=False
-            )
+            self.bar.set_postfix(loss=f"{r['loss']:.3f}", tok_s=f"{r['tokens_per_s']:.0f}",
+                                 mfu=f"{r['mfu']:.1%}", mem=_gib(r["peak_mem_bytes"]),
+                                 refresh=False)  # fmt: skip
             self.bar.update(1)
         if self.main and (r["step"] % self.every == 0):
             self.note(f"step {r['step']}: loss {r['loss']:.4f} grad_norm {r['grad_norm']:.3f} "
-                      f"lr {r['lr']:.2e} tokens/s {r['tokens_per_s']:.0f}")  # fmt: skip
+                      f"lr {r['lr']:.2e} tokens/s {r['tokens_per_s']:.0f} mfu {r['mfu']:.1%} "
+                      f"peak mem {_gib(r['peak_mem_bytes'])}")  # fmt: skip
+        if "profile" in r:
+            p = r["profile"]
+            self.note(f"step {r['step']} profile: forward/backward {p['forward_backward_s']:.3f}s "
+                      f"comm wait {p['comm_wait_s']:.3f}s optimizer {p['optimizer_s']:.3f}s "
+                      f"other {p['other_s']:.3f}s")  # fmt: skip
 
     def note(self, text: str) -> None:
         if not self.main:
@@ -267,3 +311,8 @@ class _progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+    def summary(self, last: dict) -> None:
+        if self.first_loss is not None and last:
+            self.note(f"done: {last['step']} steps, first loss {self.first_loss:.4f} -> last loss "
+                      f"{last['loss']:.4f}")  # fmt: skip

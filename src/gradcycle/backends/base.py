@@ -8,8 +8,10 @@ micro-batch closes the cycle, and `step()` applies the accumulated gradient once
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -101,8 +103,10 @@ def build_optimizer(params, optim_cfg, lr: float) -> torch.optim.Optimizer:
     ]
     if optim_cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=optim_cfg.momentum)
+    # The fused kernel: the same update as foreach to ~1e-8, ~3x faster on CPU (bench/overhead.py)
+    # and the fastest on GPUs. Works on every backend here (DTensor shards, ZeRO partitions).
     return torch.optim.AdamW(
-        groups, lr=lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps, foreach=True
+        groups, lr=lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps, fused=True
     )
 
 
@@ -179,3 +183,48 @@ class TorchBackend(Backend):
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with self._autocast():
             return loss_fn(self.model, batch)
+
+    # -- checkpoint / export: torch.distributed.checkpoint (DCP) ------------------------------
+    # Model and optimizer state are keyed by the plain model's parameter names whatever the
+    # wrapper (DDP, FSDP2 shards as DTensors), so DCP reshards on load: a checkpoint written on
+    # W ranks loads on any other number of ranks, and on ddp as well as fsdp/hsdp.
+    def _dcp_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def save_state(self, path) -> None:
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        from gradcycle.safe_load import quiet_single_process
+
+        with quiet_single_process():
+            dcp.save(self._dcp_state(), checkpoint_id=str(path), no_dist=not dist.is_initialized())
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            # The scaler is the same on every rank (it sees the all-reduced gradients).
+            (Path(path) / "scaler.json").write_text(json.dumps(self.scaler.state_dict()) + "\n")
+
+    def load_state(self, path) -> None:
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        from gradcycle.safe_load import dcp_load
+
+        state = self._dcp_state()
+        dcp_load(state, path, no_dist=not dist.is_initialized())
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])  # fmt: skip
+        scaler = Path(path) / "scaler.json"
+        saved = json.loads(scaler.read_text()) if scaler.is_file() else {}
+        if self.scaler.is_enabled() and saved:  # an fp32/bf16 checkpoint has no scale to restore
+            self.scaler.load_state_dict(saved)
+
+    def full_state_dict(self) -> dict | None:
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        sd = get_model_state_dict(self.model, options=options)
+        return sd if not dist.is_initialized() or dist.get_rank() == 0 else None

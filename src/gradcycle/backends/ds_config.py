@@ -1,0 +1,161 @@
+"""The DeepSpeed config, generated from the Hydra config, and the DeepSpeed-specific user checks.
+
+Nothing here imports DeepSpeed: `check_user_config` runs inside `config.validate()`, before any
+process group exists, so a bad DeepSpeed setting fails in a second with a message, not in a rank.
+
+Batch fields come from the batch plan only. The engine is driven with
+gradient_accumulation_steps = K (the trainer's accumulation steps) and an explicit boundary on
+every micro-batch; its own 1/K loss scaling is switched off (`backward(scale_wrt_gas=False)`),
+because the trainer's loss is already normalised by the token count of the whole cycle.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+# Generated from train.global_batch_size / train.micro_batch_size and the world size.
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+# The optimizer is a torch one built from optim.*: a DeepSpeed "optimizer" section would swap in
+# FusedAdam / CPUAdam (JIT-compiled C++/CUDA ops) and a "scheduler" would fight the trainer's LR.
+OWNED_SECTIONS = {
+    "optimizer": "optim.* (gradcycle builds a torch optimizer)",
+    "scheduler": "optim.schedule / optim.warmup_steps (the trainer sets the LR every step)",
+}
+
+
+def zero_stage(backend_cfg) -> int:
+    return int(backend_cfg.name.removeprefix("zero"))
+
+
+def resolve_sync(backend_cfg) -> str:
+    """auto -> per_cycle where it is free (ZeRO-1), per_micro where it costs a full gradient."""
+    if backend_cfg.sync != "auto":
+        return backend_cfg.sync
+    return "per_cycle" if zero_stage(backend_cfg) == 1 else "per_micro"
+
+
+def _user_dict(backend_cfg) -> dict:
+    extra = backend_cfg.deepspeed_config
+    if extra is None:
+        return {}
+    try:  # an OmegaConf node from Hydra, or a plain dict
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(extra):
+            return OmegaConf.to_container(extra, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    return dict(extra)
+
+
+def _enabled(section: Any) -> bool | None:
+    if isinstance(section, dict) and "enabled" in section:
+        return bool(section["enabled"])
+    return None
+
+
+def check_user_config(cfg) -> None:
+    """DeepSpeed user errors, raised from config.validate() before anything starts."""
+    b = cfg.backend
+    if b.param_persistence_threshold is not None and b.name != "zero3":
+        raise ValueError(
+            f"backend.param_persistence_threshold={b.param_persistence_threshold} needs "
+            "backend=zero3 (only ZeRO-3 partitions parameters)"
+        )
+    if not b.name.startswith("zero"):
+        return
+    if b.param_persistence_threshold is not None and b.param_persistence_threshold < 0:
+        raise ValueError(
+            f"backend.param_persistence_threshold={b.param_persistence_threshold} must be >= 0 "
+            "(0 gathers every parameter; null keeps DeepSpeed's default of 1e5 elements)"
+        )
+    stage = zero_stage(b)
+    if b.zero_stage not in (0, stage):
+        raise ValueError(
+            f"backend.zero_stage={b.zero_stage} contradicts backend={b.name}: "
+            f"choose the stage with backend=zero1|zero2|zero3 and leave backend.zero_stage alone"
+        )
+    extra = _user_dict(b)
+    for key in BATCH_KEYS:
+        if key in extra:
+            raise ValueError(
+                f"backend.deepspeed_config.{key}={extra[key]} is not allowed: DeepSpeed's batch "
+                "fields are generated from the batch plan. Use train.global_batch_size (samples per "
+                "optimizer step, all ranks) and train.micro_batch_size (samples per forward on one "
+                "rank) instead; the accumulation steps follow from the world size"
+            )
+    for key, use in OWNED_SECTIONS.items():
+        if key in extra:
+            raise ValueError(
+                f"backend.deepspeed_config.{key} is not allowed: set it through {use} instead"
+            )
+    zero = extra.get("zero_optimization", {}) or {}
+    if "stage" in zero and int(zero["stage"]) != stage:
+        raise ValueError(
+            f"backend.deepspeed_config.zero_optimization.stage={zero['stage']} contradicts "
+            f"backend={b.name}: pick the stage with backend=zero{zero['stage']} instead"
+        )
+    if "gradient_clipping" in extra and float(extra["gradient_clipping"]) != cfg.train.grad_clip:
+        raise ValueError(
+            f"backend.deepspeed_config.gradient_clipping={extra['gradient_clipping']} contradicts "
+            f"train.grad_clip={cfg.train.grad_clip}: set train.grad_clip only"
+        )
+    for section, prec in (("bf16", "bf16"), ("fp16", "fp16")):
+        on = _enabled(extra.get(section))
+        if on is not None and on != (cfg.precision == prec):
+            raise ValueError(
+                f"backend.deepspeed_config.{section}.enabled={on} contradicts "
+                f"precision={cfg.precision}: choose it with precision=fp32|bf16|fp16 and drop "
+                f"{section}.enabled"
+            )
+    sync = resolve_sync(b)
+    if stage == 1 and sync == "per_micro":
+        raise ValueError(
+            "backend.sync=per_micro with backend=zero1: ZeRO-1 reduces gradients at the "
+            "accumulation boundary only (once per cycle, at no memory cost); use backend.sync=auto "
+            "or per_cycle, or backend=zero2 to reduce on every micro-batch"
+        )
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def build_ds_config(cfg, plan, on_gpu: bool) -> dict:
+    """The full DeepSpeed config for this run (user extras merged over the generated keys)."""
+    b = cfg.backend
+    stage = zero_stage(b)
+    zero: dict[str, Any] = {"stage": stage}
+    if b.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if b.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    if stage == 3 and b.param_persistence_threshold is not None:
+        zero["stage3_param_persistence_threshold"] = int(b.param_persistence_threshold)
+    ds = {
+        "train_batch_size": plan.global_batch_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.accumulation_steps,
+        "gradient_clipping": float(cfg.train.grad_clip),
+        "zero_optimization": zero,
+        # The torch optimizer (AdamW/SGD) is not on DeepSpeed's ZeRO-tested list.
+        "zero_allow_untested_optimizer": True,
+        # ZeRO-Offload with a torch optimizer: DeepSpeed would insist on CPUAdam (a JIT build).
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif cfg.precision == "fp16":
+        # loss_scale 0 = dynamic loss scaling; an overflowing step is skipped and the scale halved.
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                      "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}  # fmt: skip
+    return _merge(ds, _user_dict(b))

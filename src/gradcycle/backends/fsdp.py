@@ -1,0 +1,226 @@
+"""FSDP2 (`fully_shard`) and HSDP (FSDP2 on a replicate x shard mesh).
+
+Sharding plan: one FSDP unit per decoder layer plus the root (embeddings, final norm, head), so a
+model with L layers has U = L + 1 units; each unit all-gathers its parameters in one collective and
+reduce-scatters its gradients in one collective.
+
+Accumulation boundary, per `backend.sync`:
+- per_micro (FSDP2's default): every micro-batch all-gathers each unit in forward, again in backward
+  (except the root, which keeps its parameters between forward and backward) and reduce-scatters
+  each unit's gradient: K*(2U-1) all-gathers and K*U reduce-scatters per cycle.
+- per_cycle: units keep their parameters after forward (`reshard_after_forward=False`) and after
+  the backward of every non-last micro-batch (`set_reshard_after_backward(last)`), and gradients
+  accumulate unsharded until the last backward (`set_requires_gradient_sync(last)`): U all-gathers
+  and U reduce-scatters per cycle, paid for with unsharded parameters and gradients held through
+  the cycle. The last backward always reshards: otherwise the optimizer would update the shards
+  while the next step computed with the stale unsharded copies.
+- hsdp additionally all-reduces each unit's reduced shard across replicas; that all-reduce runs on
+  the last micro-batch only, whatever the policy (`set_requires_all_reduce(last)`): the partial sum
+  lives in the sharded gradient buffer the step needs anyway, so it costs no memory.
+- auto = per_micro (per_cycle costs memory), with hsdp's replica all-reduce still once per cycle.
+
+Initialisation: rank 0 builds the real model on CPU (the same random draw a single-process run
+makes, or the pretrained weights); every rank builds the model on the meta device, shards it,
+allocates only its shards and receives them from rank 0 (`broadcast_from_rank0`). Initialising
+sharded parameters locally would draw the same random shard on every rank. Buffers outside the
+state dict (rotary tables) are broadcast from rank 0's model too.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from gradcycle.backends.base import SyncPlan, TorchBackend
+from gradcycle.model import decoder_layers
+from gradcycle.telemetry import CommCounter
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def resolve_sync(sync: str) -> str:
+    """auto -> per_micro: keeping every unit unsharded through the cycle costs memory."""
+    return "per_cycle" if sync == "per_cycle" else "per_micro"
+
+
+def nodes_from_env(env=None) -> int | None:
+    """Number of nodes from the launcher: torchrun's LOCAL_WORLD_SIZE, else Slurm's node count."""
+    env = os.environ if env is None else env
+    if "LOCAL_WORLD_SIZE" in env and "WORLD_SIZE" in env:
+        world, local = int(env["WORLD_SIZE"]), int(env["LOCAL_WORLD_SIZE"])
+        if local < 1 or world % local:
+            raise ValueError(
+                f"WORLD_SIZE={world} is not a multiple of LOCAL_WORLD_SIZE={local}: the hsdp "
+                "default (one replica per node) needs equal nodes; set backend.replicate"
+            )
+        return world // local
+    if "SLURM_NNODES" in env:
+        return int(env["SLURM_NNODES"])
+    return None
+
+
+def mesh_shape(name: str, world: int, replicate: int | None, nodes: int | None) -> tuple:
+    """(world,) for fsdp; (replicate, shard) for hsdp. Raises ValueError if the world cannot split.
+
+    hsdp replicates across nodes and shards within one by default: replicate = number of nodes.
+    """
+    if name == "fsdp":
+        return (world,)
+    groups = replicate if replicate is not None else (nodes or 1)
+    if groups < 1 or world % groups:
+        divisors = [d for d in range(1, world + 1) if world % d == 0]
+        field = (
+            f"backend.replicate={replicate}"
+            if replicate is not None
+            else f"the node count {nodes} (backend.replicate=null)"
+        )
+        raise ValueError(
+            f"backend=hsdp cannot split world size {world} into {field} replica groups x shards: "
+            f"the replicate size must divide the world size; use backend.replicate="
+            f"{' or '.join(map(str, divisors))}"
+        )
+    return (groups, world // groups)
+
+
+def mp_policy(precision: str, reduce_dtype: str) -> MixedPrecisionPolicy:
+    """bf16: compute with bf16 copies of the fp32 shards, reduce gradients in `reduce_dtype`."""
+    param = torch.bfloat16 if precision == "bf16" else None
+    reduce = _DTYPES[reduce_dtype]
+    if reduce == (param or torch.float32):
+        reduce = None  # the parameters' own dtype: nothing to cast
+    return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce)
+
+
+def shard_model(module: nn.Module, mesh, mp: MixedPrecisionPolicy, per_cycle: bool) -> list:
+    """Apply the sharding plan in place (bottom-up: layers, then the root). Returns the units.
+
+    Works on a meta-device model: nothing is allocated, so the plan of a 70B model is cheap.
+    """
+    reshard = False if per_cycle else None  # None: FSDP2's default (True, root False)
+    units = []
+    for layer in decoder_layers(module):
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+        units.append(layer)
+    fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+    return [*units, module]
+
+
+def _init_single_process_group(device: torch.device) -> bool:
+    """A device mesh needs a process group; world-1 runs do not create one (trainer)."""
+    if dist.is_initialized():
+        return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return True
+
+
+@torch.no_grad()
+def materialise(module: nn.Module, full: nn.Module | None, device: torch.device) -> None:
+    """Allocate the shards of a meta-device sharded `module` and fill them from rank 0's `full`.
+
+    Every rank calls it; `full` is the real model on rank 0 and None elsewhere.
+    """
+    module.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(module, full.state_dict() if full is not None else {}, options=options)
+    # Non-persistent buffers (rotary inverse frequencies) are not in the state dict: to_empty()
+    # left them uninitialised. They are not sharded: broadcast rank 0's values.
+    persistent = set(module.state_dict().keys())
+    source = dict(full.named_buffers()) if full is not None else {}
+    for name, buf in module.named_buffers():
+        if name in persistent:
+            continue
+        if full is not None:
+            buf.copy_(source[name])
+        dist.broadcast(buf, src=0)
+
+
+class FSDPBackend(TorchBackend):
+    def __init__(self, cfg, make_model, device: torch.device, world: int):
+        bc = cfg.backend
+        self.name = bc.name
+        self.sync = resolve_sync(bc.sync)
+        # Before anything collective: a world the mesh cannot split fails the same way on all ranks.
+        self.shape = mesh_shape(self.name, world, bc.replicate, nodes_from_env())
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        # First draw from the RNG after seeding: the same weights a single-process run starts from.
+        full = make_model("cpu") if rank == 0 else None
+        self._owns_group = _init_single_process_group(device)
+        names = ("shard",) if self.name == "fsdp" else ("replicate", "shard")
+        self.mesh = init_device_mesh(device.type, self.shape, mesh_dim_names=names)
+        self.mp = mp_policy(cfg.precision, bc.reduce_dtype)
+        module = make_model("meta")
+        self.units = shard_model(module, self.mesh, self.mp, self.sync == "per_cycle")
+        with CommCounter.instance().suspended():  # start-up traffic is not a training step's
+            materialise(module, full, device)
+        del full
+        if bc.compile:
+            # After fully_shard, so FSDP's hooks stay outside the compiled regions.
+            for layer in self.units[:-1]:
+                layer.compile()
+        super().__init__(cfg, module, module, device, world)
+
+    def _params_in_low_precision(self) -> bool:
+        return self.mp.param_dtype is not None  # FSDP2 casts; autocast would be redundant
+
+    def _before_backward(self, last: bool) -> None:
+        root: FSDPModule = self.model  # type: ignore[assignment]
+        if self.sync == "per_cycle":
+            root.set_requires_gradient_sync(last)  # hsdp: the replica all-reduce too
+            # True on the last micro-batch, always: the step must see resharded parameters.
+            root.set_reshard_after_backward(last)
+        elif self.name == "hsdp":
+            root.set_requires_all_reduce(last)
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict, loss_fn) -> torch.Tensor:
+        loss = super().eval_loss(batch, loss_fn)
+        # A no-grad forward keeps what reshard_after_forward=False units (per_cycle; the root
+        # always) gathered: free it, so the next cycle starts sharded, as after a step.
+        for unit in self.units:
+            unit.reshard()
+        return loss
+
+    def sync_plan(self, k: int) -> SyncPlan:
+        u = len(self.units)
+        shard = self.shape[-1]
+        n_params = sum(p.numel() for p in self.module.parameters())
+        p_dtype = self.mp.param_dtype or torch.float32
+        # Unsharded gradients accumulate in the reduction dtype (FSDP2 upcasts them to it).
+        p_bytes, g_bytes = p_dtype.itemsize, (self.mp.reduce_dtype or p_dtype).itemsize
+        rows = []
+        if shard > 1:
+            if self.sync == "per_cycle":
+                rows.append(("parameter all-gather", f"{u}x per cycle (once per unit)"))
+                rows.append(("gradient reduce-scatter", f"{u}x per cycle (once per unit)"))
+            else:
+                rows.append(("parameter all-gather",
+                             f"{k * (2 * u - 1)}x per cycle (K x (2U-1), U={u} units)"))  # fmt: skip
+                rows.append(("gradient reduce-scatter", f"{k * u}x per cycle (K x U)"))
+        if self.name == "hsdp":
+            alone = " (a group of one: no traffic)" if self.shape[0] == 1 else ""
+            rows.append(("cross-replica gradient all-reduce", f"{u}x per cycle{alone}"))
+        if not rows:
+            rows.append(("(world of one: no collectives)", "0"))
+        extra = "none (at most a unit or two unsharded at a time)"
+        if self.sync == "per_cycle" and shard > 1:
+            held = n_params * (p_bytes + g_bytes)
+            extra = (
+                f"{held / 2**30:.2f} GiB per rank: unsharded parameters ({p_bytes} B/param) and "
+                f"unsharded gradients ({g_bytes} B/param) of all {n_params / 1e6:.1f}M parameters"
+            )
+        note = f"mesh {'x'.join(map(str, self.shape))}"
+        if self.name == "hsdp":
+            note += " (replicate x shard); the replica all-reduce runs on the last micro-batch only"
+        return SyncPlan(policy=self.sync, rows=rows, extra_memory=extra, note=note)
+
+    def close(self) -> None:
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._owns_group = False

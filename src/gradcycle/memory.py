@@ -1,0 +1,366 @@
+"""Per-GPU memory and per-step communication of a Llama-style decoder under each backend.
+
+Pure arithmetic (no torch): the planner (`gradcycle.plan`) turns a config into a `Setup` and asks
+`estimate(setup)` for the peak. Every term follows what the code in this repository allocates:
+
+- model states (ZeRO paper, Rajbhandari et al. 2020): parameters, gradients and optimizer states
+  by backend and precision. DDP keeps fp32 parameters under autocast; FSDP2 keeps fp32 shards
+  (each parameter's first dimension padded to the shard count) and gathers units in the compute
+  dtype; DeepSpeed keeps 16-bit parameters plus an fp32 master partition (fp32 runs too).
+- activations: counted tensor by tensor from the Hugging Face Llama layer (RMSNorm upcasts to
+  fp32; SDPA saves q, k, v, its output and a log-sum-exp, never the s x s scores), so the
+  Korthikanti et al. (2022) 34·s·b·h bytes of a GPT layer become ~47.5·s·b·h (bf16 parameters) or
+  ~57.5·s·b·h (autocast over fp32 parameters) for a SwiGLU layer. A checkpointed layer keeps only
+  its input; its activations come back, one layer at a time, during backward.
+- the loss: `token_loss` upcasts the logits to fp32, so log-softmax, its gradient and the input
+  gradient (3 x 4 bytes per token and vocabulary entry) coexist at the start of backward.
+- temporaries: unsharded units (FSDP2) or gathered modules (ZeRO-3), DDP's gradient buckets,
+  DeepSpeed's reduce buckets, autocast's bf16 weight copies, the foreach AdamW step's sqrt buffer.
+
+The peak is the largest of four moments: end of forward, start of backward, end of backward and
+the optimizer step. Validated against measured CPU peaks in bench/memory_check.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Llama decoder's shapes; everything else (parameter counts, padding) is derived."""
+
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    tie: bool = False
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * (self.hidden // self.heads)
+
+    def layer_tensors(self) -> list[tuple[int, int]]:
+        """(rows, columns) of every parameter of one decoder layer, as stored (out, in)."""
+        h, kv, i = self.hidden, self.kv_dim, self.intermediate
+        return [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i), (h, 1), (h, 1)]
+
+    def root_tensors(self) -> list[tuple[int, int]]:
+        """Embedding, final norm and (untied) output projection: FSDP's root unit."""
+        out = [(self.vocab, self.hidden), (self.hidden, 1)]
+        return out if self.tie else [*out, (self.vocab, self.hidden)]
+
+    @property
+    def layer_params(self) -> int:
+        return sum(r * c for r, c in self.layer_tensors())
+
+    @property
+    def root_params(self) -> int:
+        return sum(r * c for r, c in self.root_tensors())
+
+    @property
+    def n_params(self) -> int:
+        return self.layers * self.layer_params + self.root_params
+
+    @property
+    def matmul_params(self) -> int:
+        """N of the FLOP count: the input embedding is a lookup unless tied to the head."""
+        return self.n_params - (0 if self.tie else self.vocab * self.hidden)
+
+    def shard_numel(self, tensors: list[tuple[int, int]], shards: int) -> int:
+        """FSDP2 pads each parameter's dim 0 to a multiple of the shard count; rank 0 holds the
+        largest shard, so this is the per-GPU maximum."""
+        return sum(math.ceil(r / shards) * c for r, c in tensors)
+
+    def model_shard(self, shards: int) -> int:
+        return self.layers * self.shard_numel(self.layer_tensors(), shards) + self.shard_numel(
+            self.root_tensors(), shards
+        )
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """Bytes per element of each kind of tensor, fixed by backend and precision."""
+
+    param: int  # stored parameters (full or shard)
+    compute: int  # matmul inputs/outputs: most activations, gathered units
+    residual: int  # the residual stream between sub-blocks
+    autocast: bool  # fp32 parameters cast per op (torch.autocast)
+    grad: int  # gradients as accumulated
+    reduce: int  # gradients as communicated
+    master: int  # an extra fp32 master copy per parameter (DeepSpeed)
+
+
+def numerics(backend: str, precision: str, reduce_dtype: str = "fp32") -> Numerics:
+    half = precision in ("bf16", "fp16")
+    if backend == "ddp":  # fp32 parameters; autocast computes in 16 bits
+        return Numerics(4, 2 if half else 4, 4, half, 4, 4, 0)
+    if backend in ("fsdp", "hsdp"):  # fp32 shards; MixedPrecisionPolicy gathers 16-bit units
+        c = 2 if half else 4
+        return Numerics(4, c, c, False, 4, 4 if reduce_dtype == "fp32" else 2, 0)
+    p = 2 if half else 4  # DeepSpeed: the module itself is cast; an fp32 master partition
+    return Numerics(p, p, p, False, p, p, 4)
+
+
+@dataclass(frozen=True)
+class Setup:
+    shape: Shape
+    seq: int
+    micro: int
+    accumulation: int
+    backend: str  # ddp | zero1 | zero2 | zero3 | fsdp | hsdp
+    world: int  # data-parallel ranks
+    shard: int  # ranks a parameter is split over (fsdp: world; hsdp: world/replicate)
+    precision: str = "bf16"
+    sync: str = "per_micro"
+    checkpointed: tuple[int, ...] = ()  # decoder layers recomputed in backward
+    optimizer: str = "adamw"
+    momentum: float = 0.0
+    reduce_dtype: str = "fp32"
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    reduce_bucket: int = 500_000_000  # DeepSpeed reduce_bucket_size (elements)
+    prefetch_bucket: int = 50_000_000  # ZeRO-3 stage3_prefetch_bucket_size
+    persistence: int = 100_000  # ZeRO-3 stage3_param_persistence_threshold
+    max_live: int = 1_000_000_000  # ZeRO-3 stage3_max_live_parameters
+
+    @property
+    def num(self) -> Numerics:
+        return numerics(self.backend, self.precision, self.reduce_dtype)
+
+    @property
+    def tokens(self) -> int:
+        return self.micro * self.seq
+
+
+@dataclass
+class Estimate:
+    """Bytes per GPU. `breakdown` sums to `peak` (the components live at the peak moment)."""
+
+    peak: float
+    phase: str
+    breakdown: dict[str, float]
+    model_states: dict[str, float]
+    layer_bytes: float  # one layer's saved activations for one micro-batch, no checkpointing
+    layer_ckpt_bytes: float  # the same layer checkpointed: its input only
+    per_cycle_extra: float  # what sync=per_cycle adds over per_micro
+    moments: dict[str, float] = field(default_factory=dict)
+
+
+def optimizer_bytes(setup: Setup) -> int:
+    if setup.optimizer == "adamw":
+        return 8  # exp_avg + exp_avg_sq, fp32
+    return 4 if setup.momentum else 0
+
+
+def model_states(setup: Setup) -> dict[str, float]:
+    """Parameters, gradients and optimizer states (incl. fp32 masters) per GPU.
+
+    With mixed precision and Adam (K = 12 bytes of optimizer state) ZeRO-1/2/3 give the paper's
+    4Ψ + 12Ψ/N, 2Ψ + 14Ψ/N and 16Ψ/N.
+    """
+    s, n = setup.shape, setup.num
+    psi, w, k = s.n_params, setup.world, optimizer_bytes(setup)
+    if setup.backend == "ddp":
+        return {"parameters": psi * n.param, "gradients": psi * n.grad, "optimizer": psi * k}
+    if setup.backend in ("fsdp", "hsdp"):
+        local = s.model_shard(setup.shard)
+        return {"parameters": local * 4, "gradients": local * 4, "optimizer": local * k}
+    stage = int(setup.backend[-1])
+    opt = 0.0 if setup.offload_optimizer else psi * (n.master + k) / w
+    grads = psi * n.grad / (w if stage >= 2 else 1)
+    params = psi * n.param
+    if stage == 3:
+        persistent = sum(r * c for r, c in _all_tensors(s) if r * c <= setup.persistence)
+        params = 0.0 if setup.offload_param else (psi - persistent) * n.param / w
+        params += persistent * n.param
+    return {"parameters": params, "gradients": grads, "optimizer": opt}
+
+
+def _all_tensors(s: Shape) -> list[tuple[int, int]]:
+    return s.layer_tensors() * s.layers + s.root_tensors()
+
+
+# ---------------------------------------------------------------- activations (bytes / token)
+
+
+def _linear_inputs(n: Numerics, consumers: int) -> int:
+    """Bytes per hidden element saved as matmul input. Autocast casts the fp32 input once per
+    consuming matmul (only leaf tensors are cached), so q/k/v keep three bf16 copies."""
+    return consumers * n.compute if n.autocast else n.residual
+
+
+def layer_activation_bytes(shape: Shape, num: Numerics) -> float:
+    """Saved bytes per token of one decoder layer without checkpointing."""
+    h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
+    c, r = num.compute, num.residual
+    norm = 4 + r  # RMSNorm: its fp32 input (the residual itself when fp32) and the normed value
+    attn = norm + _linear_inputs(num, 3) + c * (3 + 2 * kv / h)  # q, k, v, SDPA out, transpose
+    attn += 4 * shape.heads / h  # SDPA's log-sum-exp (fp32, one per head and token)
+    mlp = norm + _linear_inputs(num, 2) + 4 * c * i / h  # gate, silu(gate), up, product
+    return h * (attn + mlp)
+
+
+def layer_backward_bytes(shape: Shape, num: Numerics) -> float:
+    """Net transient bytes per token while one layer runs backward: its gradients appear as its
+    saved tensors are released, leaving about one residual-stream gradient and one hidden-size
+    input gradient on top (measured on CPU, bench/memory_check.py)."""
+    return (num.residual + num.compute) * shape.hidden
+
+
+def head_activation_bytes(shape: Shape, num: Numerics) -> float:
+    return shape.hidden * (4 + num.residual + _linear_inputs(num, 1))
+
+
+def activations(setup: Setup) -> dict[str, float]:
+    """Activation-side bytes of one micro-batch at the moments that can be the peak."""
+    s, n, tok = setup.shape, setup.num, setup.tokens
+    full = layer_activation_bytes(s, n) * tok
+    ckpt = n.residual * s.hidden * tok  # a checkpointed layer keeps its input only
+    n_ckpt = len(setup.checkpointed)
+    saved = (s.layers - n_ckpt) * full + n_ckpt * ckpt + head_activation_bytes(s, n) * tok
+    logits = s.vocab * tok
+    top_ckpt = s.layers - 1 in setup.checkpointed
+    return {
+        "saved": saved,
+        "layer": full,
+        "layer_ckpt": ckpt,
+        # forward end: logits (compute dtype), their fp32 copy and the fp32 log-softmax
+        "loss_forward": logits * (n.compute + 8),
+        # backward start: log-softmax output, its gradient and the input gradient (fp32)
+        "loss_backward": logits * 12,
+        # a checkpointed top layer is recomputed whole before its backward runs
+        "recompute": (full if top_ckpt else 0.0) + layer_backward_bytes(s, n) * tok,
+    }
+
+
+# ---------------------------------------------------------------- buffers and temporaries
+
+
+def _largest_tensor(s: Shape) -> int:
+    return max(r * c for r, c in _all_tensors(s))
+
+
+def temporaries(setup: Setup) -> dict[str, float]:
+    """Buffers that are neither model states nor activations, at each moment of a step:
+    forward end, loss backward, top layer's backward, backward end, optimizer step; `static`
+    lives throughout, `per_cycle` is what sync=per_cycle holds on top during the cycle."""
+    s, n, psi = setup.shape, setup.num, setup.shape.n_params
+    out = dict.fromkeys(("static", "forward", "loss", "layer", "end", "step", "per_cycle"), 0.0)
+    adam = optimizer_bytes(setup) == 8
+    if setup.backend == "ddp":
+        if setup.world > 1:
+            out["static"] = psi * n.grad  # reducer buckets (gradient_as_bucket_view=False)
+        if n.autocast:
+            # autocast caches a bf16 copy of every matmul weight for the forward; autograd keeps
+            # those of layers that are not recomputed until their backward
+            head = 0 if s.tie else s.vocab * s.hidden
+            per_layer = s.layer_params - 2 * s.hidden
+            kept = (s.layers - len(setup.checkpointed)) * per_layer
+            out["forward"] = n.compute * (s.layers * per_layer + head)
+            out["loss"] = out["layer"] = n.compute * (kept + head)
+        out["step"] = 4 * psi if adam else 0.0  # foreach AdamW: the sqrt(exp_avg_sq) copy
+        return out
+    if setup.backend in ("fsdp", "hsdp"):
+        unit = s.shard_numel(s.layer_tensors(), setup.shard) * setup.shard
+        root = s.shard_numel(s.root_tensors(), setup.shard) * setup.shard
+        c, g = n.compute, n.reduce
+        # The root (embedding, head) stays gathered from forward to backward; layers are
+        # resharded after forward. In a layer's backward: that layer and the prefetched next one
+        # gathered (plus the all-gather copy-out), its gradient and the reduce-scatter input.
+        out["forward"] = out["loss"] = root * c
+        out["layer"] = root * c + unit * (3 * c + g)
+        out["end"] = root * (2 * c + g)
+        out["step"] = 4 * s.model_shard(setup.shard) if adam else 0.0
+        if setup.shard > 1:
+            # every unit stays gathered, and gradients accumulate unsharded in the reduction
+            # dtype instead of in the shards (which only the last micro-batch creates)
+            local_grads = 4 * s.model_shard(setup.shard) if setup.accumulation > 1 else 0.0
+            out["per_cycle"] = psi * c - root * c + psi * g - local_grads
+        return out
+    stage = int(setup.backend[-1])
+    bucket = setup.reduce_bucket * n.grad  # DeepSpeed's reduce (ipg) bucket, full size
+    if stage == 3:
+        out["static"] = bucket  # allocated at start-up and kept
+        persistent = sum(r * c for r, c in _all_tensors(s) if r * c <= setup.persistence)
+        gathered = psi - persistent
+        # Gathered modules are released by reuse distance: with recomputation in backward they
+        # are reused soon and stay gathered up to stage3_max_live_parameters; otherwise about
+        # one module plus the prefetch bucket is live (observed on CPU, bench/memory_check.py).
+        if setup.checkpointed:
+            live = min(setup.max_live, gathered)
+        else:
+            live = min(_largest_tensor(s) + setup.prefetch_bucket, gathered)
+        live = 0.0 if setup.offload_param else n.param * live
+        for moment in ("forward", "loss", "layer", "end"):
+            out[moment] = live
+    else:
+        out["loss"] = out["layer"] = out["end"] = bucket  # allocated when a backward starts
+    if not setup.offload_optimizer:
+        # fp32 gradient partition for the optimizer and the foreach sqrt copy
+        out["step"] = 4 * psi / setup.world * (2 if adam else 1)
+    if stage >= 2 and setup.world > 1:
+        out["per_cycle"] = psi * n.grad * (1 - 1 / setup.world)  # a full local gradient
+    return out
+
+
+def estimate(setup: Setup) -> Estimate:
+    """The per-GPU peak and what is alive at that moment."""
+    ms = model_states(setup)
+    act = activations(setup)
+    tmp = temporaries(setup)
+    per_cycle = tmp["per_cycle"] if setup.sync == "per_cycle" else 0.0
+    static = ms["parameters"] + ms["optimizer"] + tmp["static"]
+    # Gradients are freed by the step (set_to_none): the first micro-batch of a cycle builds them
+    # while it frees activations; from the second on they are alive for the whole backward.
+    grads_held = ms["gradients"] if setup.accumulation > 1 else 0.0
+    if setup.backend in ("zero2", "zero3"):
+        grads_held = ms["gradients"]  # a preallocated partition buffer
+    held = {"gradients": grads_held, "per_cycle extra": per_cycle}
+    unsharded = "unsharded / cast parameters"
+    moments = {
+        "forward end": {
+            "activations": act["saved"],
+            "logits and loss": act["loss_forward"],
+            unsharded: tmp["forward"],
+            **held,
+        },
+        "backward start": {
+            "activations": act["saved"],
+            "logits and loss": act["loss_backward"],
+            unsharded: tmp["loss"],
+            **held,
+        },
+        "backward (top layer)": {
+            "activations": act["saved"],
+            "recompute": act["recompute"],
+            unsharded: tmp["layer"],
+            **held,
+        },
+        "backward end": {unsharded: tmp["end"], "gradients": ms["gradients"], **held},
+        "optimizer step": {"gradients": ms["gradients"], "optimizer step buffers": tmp["step"]},
+    }
+    moments["backward end"]["gradients"] = max(ms["gradients"], grads_held)
+    totals = {k: static + sum(v.values()) for k, v in moments.items()}
+    phase = max(totals, key=totals.get)
+    breakdown = {
+        "parameters": ms["parameters"],
+        "optimizer states": ms["optimizer"],
+        "communication buffers": tmp["static"],
+        **moments[phase],
+    }
+    return Estimate(
+        peak=totals[phase],
+        phase=phase,
+        breakdown={k: v for k, v in breakdown.items() if v},
+        model_states=ms,
+        layer_bytes=act["layer"],
+        layer_ckpt_bytes=act["layer_ckpt"],
+        per_cycle_extra=tmp["per_cycle"],
+        moments=totals,
+    )

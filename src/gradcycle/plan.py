@@ -1,0 +1,408 @@
+"""python -m gradcycle.plan <overrides>: will this run fit, and how should the batch be cut?
+
+Reads the same Hydra config as train.py (plus `hardware=`, `nodes=`, `gpus_per_node=`) and prints,
+per GPU, the memory of the configured run by component, the collectives per optimizer step and the
+expected tokens/s, then recommends micro-batch, accumulation, sync policy and activation
+checkpointing for the configured global batch (or says what would fit). `plan.format=json`
+prints the same as one JSON object. The formulas live in memory.py and costs.py.
+
+The trainer uses `resolve_auto` for train.micro_batch_size=auto / backend.sync=auto (the global
+batch is kept; accumulation follows) and `startup_lines` for the warnings every run prints.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from dataclasses import dataclass, field
+
+from gradcycle.costs import Collective, StepTime, collectives, step_time
+from gradcycle.memory import GIB, Estimate, Setup, Shape, estimate
+
+# Checkpointing options the recommendation tries, cheapest recompute first.
+AC_OPTIONS = (("none", 2), ("selective", 4), ("selective", 2), ("full", 2))
+MANY_MICRO_BATCHES = 8  # bf16 accumulation over more micro-batches loses visible precision
+
+
+class UnknownShape(ValueError):
+    """The planner cannot size this model (not Llama-shaped, or no vocabulary size)."""
+
+
+@dataclass
+class Candidate:
+    setup: Setup
+    est: Estimate
+    colls: list[Collective]
+    time: StepTime
+    ac: tuple[str, int]
+
+    @property
+    def micro(self) -> int:
+        return self.setup.micro
+
+    @property
+    def sync(self) -> str:
+        return self.setup.sync
+
+    def key(self) -> tuple:
+        """Fastest first; then the largest micro-batch, least recompute, least memory, bytes."""
+        recompute = len(self.setup.checkpointed)
+        comm = sum(c.nbytes for c in self.colls)
+        return (float(f"{self.time.step_s:.4g}"), -self.micro, recompute, self.est.peak, comm)
+
+
+@dataclass
+class Plan:
+    cfg: object
+    shape: Shape
+    world: int
+    nodes: int
+    budget: float  # bytes per GPU available to tensors
+    configured: Candidate | None  # None when train.micro_batch_size=auto
+    auto: Candidate | None  # what auto picks (configured checkpointing)
+    recommended: Candidate | None  # best over checkpointing options too
+    alternatives: list[tuple[str, Candidate]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- config -> setup
+
+
+def shape_from_config(cfg, vocab: int | None = None) -> Shape:
+    m = cfg.model
+    if m.pretrained:
+        return _pretrained_shape(m)
+    vocab = m.vocab_size or vocab or (None if cfg.data.tokenizer else cfg.data.vocab_size)
+    if vocab is None:
+        raise UnknownShape(
+            f"the planner needs the vocabulary size and data.tokenizer={cfg.data.tokenizer!r} is "
+            "not read here: set model.vocab_size=<the tokenizer's size>"
+        )
+    kv = m.num_kv_heads or m.num_heads
+    return Shape(int(vocab), m.hidden_size, m.num_layers, m.num_heads, kv, m.intermediate_size,
+                 bool(m.tie_embeddings))  # fmt: skip
+
+
+def _pretrained_shape(m) -> Shape:
+    try:
+        from transformers import AutoConfig
+
+        hf = AutoConfig.from_pretrained(m.pretrained, local_files_only=True,
+                                        trust_remote_code=m.trust_remote_code)  # fmt: skip
+        return Shape(hf.vocab_size, hf.hidden_size, hf.num_hidden_layers, hf.num_attention_heads,
+                     getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+                     hf.intermediate_size, bool(getattr(hf, "tie_word_embeddings", False)))  # fmt: skip
+    except Exception as e:  # not local, or not Llama-shaped: the planner cannot size it
+        raise UnknownShape(f"model.pretrained={m.pretrained!r}: cannot read a Llama-style "
+                           f"config locally ({type(e).__name__}: {e})") from None  # fmt: skip
+
+
+def topology(cfg, world: int | None = None, nodes: int | None = None) -> tuple[int, int, int]:
+    """(data-parallel world, nodes, GPUs per node): the config's nodes x gpus_per_node, or the
+    launcher's world when training."""
+    if world is None:
+        world, nodes = cfg.nodes * cfg.gpus_per_node, cfg.nodes
+    nodes = max(1, nodes or cfg.nodes)
+    if world % nodes:
+        nodes = 1
+    return world, nodes, max(1, world // nodes)
+
+
+def shard_size(cfg, backend: str, world: int, nodes: int) -> int:
+    if backend != "hsdp":
+        return world
+    replicate = cfg.backend.replicate or nodes
+    return world // replicate if replicate and world % replicate == 0 else world
+
+
+def budget_bytes(cfg) -> float:
+    return (cfg.hardware.memory_gb - cfg.hardware.reserved_gb) * GIB
+
+
+def _ds_zero(cfg) -> dict:
+    extra = cfg.backend.deepspeed_config
+    try:
+        from omegaconf import OmegaConf
+
+        extra = OmegaConf.to_container(extra, resolve=True) if OmegaConf.is_config(extra) else extra
+    except ImportError:  # pragma: no cover
+        pass
+    return dict((extra or {}).get("zero_optimization") or {})
+
+
+def sync_options(cfg, backend: str, world: int) -> list[str]:
+    """Policies the backend accepts; `auto` chooses among them."""
+    if cfg.backend.sync != "auto":
+        return [cfg.backend.sync]
+    if world == 1 or backend in ("ddp", "zero1"):
+        return ["per_cycle"]  # free (nothing to sync, or the gradient is full anyway)
+    options = ["per_micro", "per_cycle"]
+    if backend.startswith("zero"):  # DeepSpeed rejects some combinations: ask its own check
+        from gradcycle.backends.ds_config import check_user_config
+
+        probe = copy.deepcopy(cfg)
+        probe.backend.name, probe.backend.zero_stage = backend, int(backend[-1])
+        options = [s for s in options if _accepted(check_user_config, probe, s)]
+    return options
+
+
+def _accepted(check, cfg, sync: str) -> bool:
+    cfg.backend.sync = sync
+    try:
+        check(cfg)
+    except ValueError:
+        return False
+    return True
+
+
+def global_batch(cfg, micro: int, world: int) -> int:
+    t = cfg.train
+    return t.global_batch_size if t.global_batch_size else micro * world * t.accumulation_steps
+
+
+def evaluate(cfg, shape: Shape, world: int, nodes: int, micro: int, sync: str,
+             ac: tuple[str, int], backend: str | None = None) -> Candidate:  # fmt: skip
+    from gradcycle.model import checkpointed_layers
+
+    b = backend or cfg.backend.name
+    zero = _ds_zero(cfg)
+    setup = Setup(
+        shape=shape, seq=cfg.data.seq_len, micro=micro,
+        accumulation=max(1, global_batch(cfg, micro, world) // (micro * world)),
+        backend=b, world=world, shard=shard_size(cfg, b, world, nodes), precision=cfg.precision,
+        sync=sync, checkpointed=tuple(checkpointed_layers(shape.layers, ac[0], ac[1])),
+        optimizer=cfg.optim.name, momentum=cfg.optim.momentum,
+        reduce_dtype=cfg.backend.reduce_dtype,
+        offload_optimizer=cfg.backend.offload_optimizer and b.startswith("zero"),
+        offload_param=cfg.backend.offload_param and b == "zero3",
+        reduce_bucket=int(zero.get("reduce_bucket_size", 5e8)),
+        prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", 5e7)),
+        max_live=int(zero.get("stage3_max_live_parameters", 1e9)),
+        persistence=int(cfg.backend.param_persistence_threshold
+                        if cfg.backend.param_persistence_threshold is not None
+                        else zero.get("stage3_param_persistence_threshold", 1e5)),
+    )  # fmt: skip
+    colls = collectives(setup, max(1, world // nodes))
+    hw = cfg.hardware
+    t = step_time(setup, colls, hw.bf16_tflops, hw.intra_node_gbps, hw.inter_node_gbps,
+                  cfg.plan.mfu)  # fmt: skip
+    return Candidate(setup, estimate(setup), colls, t, ac)
+
+
+def micro_options(cfg, world: int) -> list[int]:
+    if cfg.train.micro_batch_size != "auto":
+        return [int(cfg.train.micro_batch_size)]
+    if not cfg.train.global_batch_size:
+        raise ValueError(
+            "train.micro_batch_size=auto keeps the global batch fixed and needs "
+            f"train.global_batch_size (got train.accumulation_steps={cfg.train.accumulation_steps})"
+            ": set train.global_batch_size=<samples per step> train.accumulation_steps=null"
+        )
+    per_rank, rem = divmod(cfg.train.global_batch_size, world)
+    if rem or not per_rank:
+        raise ValueError(
+            f"train.global_batch_size={cfg.train.global_batch_size} does not split over "
+            f"{world} data-parallel ranks: use a multiple of {world}"
+        )
+    return [d for d in range(1, per_rank + 1) if per_rank % d == 0]
+
+
+def search(cfg, shape, world, nodes, acs, limit: float, backend=None) -> Candidate | None:
+    """The best candidate under `limit` bytes, or None."""
+    syncs = sync_options(cfg, backend or cfg.backend.name, world)
+    fitting = [
+        c
+        for micro in micro_options(cfg, world)
+        for sync in syncs
+        for ac in acs
+        if (c := evaluate(cfg, shape, world, nodes, micro, sync, ac, backend)).est.peak <= limit
+    ]
+    return min(fitting, key=Candidate.key) if fitting else None
+
+
+def _configured_ac(cfg) -> tuple[str, int]:
+    return (cfg.activation_checkpointing.mode, cfg.activation_checkpointing.every)
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def make_plan(cfg, world: int | None = None, nodes: int | None = None, vocab=None) -> Plan:
+    world, nodes, _ = topology(cfg, world, nodes)
+    shape = shape_from_config(cfg, vocab)
+    budget = budget_bytes(cfg)
+    limit = cfg.plan.headroom * budget
+    configured = None
+    if cfg.train.micro_batch_size != "auto":
+        sync = sync_options(cfg, cfg.backend.name, world)
+        configured = min((evaluate(cfg, shape, world, nodes, int(cfg.train.micro_batch_size), s,
+                                   _configured_ac(cfg)) for s in sync), key=_fit_key(limit))  # fmt: skip
+    auto = search(cfg, shape, world, nodes, [_configured_ac(cfg)], limit)
+    recommended = search(cfg, shape, world, nodes, AC_OPTIONS, limit)
+    plan = Plan(cfg, shape, world, nodes, budget, configured, auto, recommended)
+    if recommended is None:
+        plan.alternatives = alternatives(cfg, shape, world, nodes, limit)
+    plan.warnings = warnings_for(plan, configured or auto)
+    return plan
+
+
+def _fit_key(limit: float):
+    return lambda c: (c.est.peak > limit, c.key())
+
+
+def alternatives(cfg, shape, world, nodes, limit) -> list[tuple[str, Candidate]]:
+    """What would fit when nothing does: another backend, offload, or more nodes."""
+    out = []
+    backends = [b for b in ("zero3", "fsdp") if b != cfg.backend.name]
+    for b in backends:
+        if (c := search(cfg, shape, world, nodes, AC_OPTIONS, limit, backend=b)) is not None:
+            out.append((f"backend={b}", c))
+    if cfg.backend.name != "zero3" or not cfg.backend.offload_optimizer:
+        off = copy.deepcopy(cfg)
+        off.backend.offload_optimizer = True
+        if (c := search(off, shape, world, nodes, AC_OPTIONS, limit, backend="zero3")) is not None:
+            out.append(("backend=zero3 backend.offload_optimizer=true (host memory, slower)", c))
+    per_node = max(1, world // nodes)
+    for factor in (2, 4, 8):
+        more = world * factor
+        if cfg.train.global_batch_size and cfg.train.global_batch_size % more:
+            continue
+        c = search(cfg, shape, more, nodes * factor, AC_OPTIONS, limit)
+        if c is not None:
+            out.append((f"nodes={nodes * factor} ({more} GPUs of {per_node} per node)", c))
+            break
+    return out
+
+
+def warnings_for(plan: Plan, cand: Candidate | None) -> list[str]:
+    if cand is None:
+        return []
+    out, cfg, s = [], plan.cfg, cand.setup
+    k = s.accumulation
+    t = cand.time
+    micro_comm = sum(c.seconds(cfg.hardware.intra_node_gbps, cfg.hardware.inter_node_gbps)
+                     for c in cand.colls if c.when == "micro") / k  # fmt: skip
+    per_micro_compute = t.compute_s / k
+    if micro_comm > per_micro_compute:
+        need = s.tokens * micro_comm / per_micro_compute
+        out.append(
+            f"{s.tokens} tokens per micro-batch are too few to hide communication on "
+            f"{cfg.hardware.name}: each micro-batch's collectives take ~{micro_comm:.2f}s against "
+            f"~{per_micro_compute:.2f}s of compute; about {need:,.0f} tokens per micro-batch "
+            f"(train.micro_batch_size >= {-(-need // s.seq):.0f}, with activation checkpointing "
+            "if it does not fit) or sync=per_cycle where memory allows would hide them"
+        )
+    if cand.est.peak > 0.9 * plan.budget:
+        out.append(
+            f"predicted peak {cand.est.peak / GIB:.1f} GiB is {cand.est.peak / plan.budget:.0%} of "
+            f"the {plan.budget / GIB:.1f} GiB per GPU on {cfg.hardware.name}: fragmentation can "
+            "push it over; lower train.micro_batch_size or enable activation checkpointing"
+        )
+    low_accum = s.num.grad == 2 and s.backend.startswith("zero")
+    low_accum |= s.backend in ("fsdp", "hsdp") and s.sync == "per_cycle" and s.num.reduce == 2
+    if low_accum and k >= MANY_MICRO_BATCHES:
+        out.append(
+            f"gradients accumulate in 16 bits over K={k} micro-batches: each addition rounds to "
+            "bf16's 8 significant bits. Prefer fewer, larger micro-batches, fp32 accumulation "
+            "(backend.deepspeed_config.data_types.grad_accum_dtype=fp32 on zero1, "
+            "backend.reduce_dtype=fp32 on fsdp/hsdp) or sync=per_micro"
+        )
+    return out
+
+
+# ---------------------------------------------------------------- training integration
+
+
+def resolve_auto(cfg, world: int, nodes: int | None = None):
+    """train.micro_batch_size=auto / backend.sync=auto -> concrete values (a copy of cfg). The
+    global batch stays; accumulation follows. Raises ValueError when auto finds nothing that fits.
+    A model the planner cannot size keeps sync=auto (each backend's own memory-free default)."""
+    mbs_auto, sync_auto = cfg.train.micro_batch_size == "auto", cfg.backend.sync == "auto"
+    if not (mbs_auto or sync_auto):
+        return cfg
+    try:
+        plan = make_plan(cfg, world, nodes)
+    except UnknownShape:
+        if mbs_auto:
+            raise
+        return cfg
+    chosen = plan.auto if mbs_auto else plan.configured
+    if chosen is None:
+        raise ValueError("train.micro_batch_size=auto: " + explain(plan))
+    cfg = copy.deepcopy(cfg)
+    cfg.train.micro_batch_size = chosen.micro
+    if sync_auto:
+        cfg.backend.sync = chosen.sync
+    return cfg
+
+
+def explain(plan: Plan, failed_micro: int | None = None) -> str:
+    """One paragraph: why it does not fit and what would."""
+    cfg = plan.cfg
+    head = f"at train.micro_batch_size={failed_micro} " if failed_micro else ""
+    text = (f"nothing {head}fits in {plan.budget / GIB:.1f} GiB per GPU ({cfg.hardware.name}, "
+            f"{plan.world} GPUs, backend={cfg.backend.name}, activation_checkpointing.mode="
+            f"{cfg.activation_checkpointing.mode}).")  # fmt: skip
+    c = plan.configured or _smallest(plan)
+    if c is not None:
+        parts = ", ".join(f"{k} {v / GIB:.1f}" for k, v in c.est.breakdown.items())
+        text += f" At micro-batch {c.micro} the predicted peak is {c.est.peak / GIB:.1f} GiB " \
+                f"({parts} GiB)."  # fmt: skip
+    if plan.recommended is not None:
+        r = plan.recommended
+        text += (f" Fits: train.micro_batch_size={r.micro} activation_checkpointing.mode="
+                 f"{r.ac[0]} ({r.est.peak / GIB:.1f} GiB).")  # fmt: skip
+    for what, alt in plan.alternatives:
+        text += (f" Fits: {what} activation_checkpointing.mode={alt.ac[0]} "
+                 f"train.micro_batch_size={alt.micro} ({alt.est.peak / GIB:.1f} GiB).")  # fmt: skip
+    if plan.recommended is None and not plan.alternatives:
+        text += " Nothing tried fits: more nodes, a larger GPU or a smaller model is needed."
+    return text
+
+
+def _smallest(plan: Plan) -> Candidate | None:
+    world, nodes = plan.world, plan.nodes
+    sync = sync_options(plan.cfg, plan.cfg.backend.name, world)[0]
+    return evaluate(plan.cfg, plan.shape, world, nodes, 1, sync, _configured_ac(plan.cfg))
+
+
+def startup_lines(cfg, world: int, nodes: int | None, vocab: int | None) -> list[str]:
+    """The planner's summary and warnings, printed by rank 0 before the first step."""
+    try:
+        plan = make_plan(cfg, world, nodes, vocab)
+    except UnknownShape:
+        return []
+    c = plan.configured
+    if c is None:
+        return []
+    lines = [f"plan: predicted peak {c.est.peak / GIB:.2f} GiB per GPU of "
+             f"{plan.budget / GIB:.1f} GiB ({cfg.hardware.name}; at {c.est.phase}); expected "
+             f"{c.time.tokens_per_s:,.0f} tokens/s at {cfg.plan.mfu:.0%} of peak FLOP/s"]  # fmt: skip
+    return lines + [f"plan warning: {w}" for w in plan.warnings]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gradcycle.cli import EXIT_USAGE, _fail, _user_error, compose
+    from gradcycle.config import validate
+    from gradcycle.plan_report import render_json, render_text
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    try:
+        cfg = compose(argv)
+        validate(cfg)
+        plan = make_plan(cfg)
+    except Exception as e:
+        message = _user_error(e)
+        if message is None:
+            raise
+        return _fail(message, EXIT_USAGE)
+    print(json.dumps(render_json(plan)) if cfg.plan.format == "json" else render_text(plan))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Checkpoints: layout and keep-N, exact resume (after a stop, after kill -9 in the middle of a cycle,
+on fewer ranks), export to Hugging Face, and bad checkpoints refused without touching the run dir."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, TINY, compose, read_metrics, train_steps
+from multiproc import run_on_ranks
+from rank_procs import launch, logs, wait
+
+# Saves step_2, step_4 and step_5 (at the end); keep=2 leaves step_4 and step_5.
+STEPS = ["train.max_steps=5", "checkpoint.every=2", "checkpoint.keep=2"]
+BACKENDS = ["ddp", "fsdp", "zero3"]
+PROBE = torch.arange(48).reshape(2, 24) * 7 % 500  # token ids for comparing logits
+
+
+def steps_of(run_dir) -> list[dict]:
+    return [r for r in read_metrics(run_dir) if "loss" in r]
+
+
+def assert_same_run(resumed: list[dict], reference: list[dict], tol: float = 1e-6) -> None:
+    assert [r["step"] for r in resumed] == [r["step"] for r in reference]
+    for a, b in zip(resumed, reference):
+        assert abs(a["loss"] - b["loss"]) <= tol, (a["step"], a["loss"], b["loss"])
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e3 * tol * max(1.0, b["grad_norm"])
+        assert a["lr"] == b["lr"] and a["tokens_seen"] == b["tokens_seen"]
+
+
+def checkpoint_names(run_dir) -> list[str]:
+    return sorted(os.listdir(Path(run_dir) / "checkpoints"))
+
+
+# ---------------------------------------------------------------- one process
+
+
+@pytest.mark.parametrize("packing", ["true", "false"])
+def test_stop_and_resume_reproduces_the_run(tmp_path, monkeypatch, packing):
+    """SIGTERM after step 3 -> step_3 saved, exit; resume=auto redoes nothing and matches the
+    uninterrupted run exactly. The data position is the step: packed and unpacked alike."""
+    overrides = [*STEPS, f"data.packing={packing}"]
+    reference = train_steps(tmp_path / "ref", overrides)
+    assert checkpoint_names(tmp_path / "ref") == ["latest", "step_4", "step_5"]
+    assert (tmp_path / "ref/checkpoints/latest").read_text().strip() == "step_5"
+
+    run = tmp_path / "run"
+    monkeypatch.setenv("GRADCYCLE_FAULT", "sigterm:3:1")  # delivered mid-cycle, acted on after it
+    first = train_steps(run, overrides)
+    monkeypatch.delenv("GRADCYCLE_FAULT")
+    assert [r["step"] for r in first] == [1, 2, 3]
+    assert checkpoint_names(run) == ["latest", "step_2", "step_3"]
+    meta = json.loads((run / "checkpoints/step_3/trainer.json").read_text())
+    assert meta["step"] == 3 and meta["state"]["tokens_seen"] == first[-1]["tokens_seen"]
+    assert sorted(os.listdir(run / "checkpoints/step_3")) == [
+        "config.yaml", "hf", "rng", "state", "trainer.json"]  # fmt: skip
+
+    resumed = train_steps(run, [*overrides, "resume=auto"])
+    assert_same_run(resumed, reference)
+    assert checkpoint_names(run) == ["latest", "step_4", "step_5"]  # keep=2, older ones deleted
+    assert not (run / "metrics.superseded.jsonl").exists()  # nothing ran past the checkpoint
+
+
+def test_bad_checkpoints_are_refused_naming_the_file(tmp_path, capsys):
+    """Each damage -> exit 2, one message naming the file or field; the run dir is untouched."""
+    from gradcycle.cli import main
+
+    src = tmp_path / "src"
+    train_steps(src, ["train.max_steps=2", "checkpoint.every=1"])
+    step = "checkpoints/step_2"
+
+    def patch_size(run: Path, rel: str) -> None:  # keep trainer.json's size record consistent
+        meta_path = run / step / "trainer.json"
+        meta = json.loads(meta_path.read_text())
+        meta["files"][rel] = (run / step / rel).stat().st_size
+        meta_path.write_text(json.dumps(meta))
+
+    def missing_shard(run):
+        (run / step / "state/__0_0.distcp").unlink()
+
+    def truncated_shard(run):
+        p = run / step / "state/__0_0.distcp"
+        p.write_bytes(p.read_bytes()[:100])
+
+    def garbage_metadata(run):
+        p = run / step / "state/.metadata"
+        p.write_bytes(b"\x00" * p.stat().st_size)
+
+    def code_in_metadata(run):  # a pickle that would run a command when loaded
+        p = run / step / "state/.metadata"
+        p.write_bytes(pickle.dumps(_Exploit(str(run.parent / "pwned"))))
+        patch_size(run, "state/.metadata")
+
+    def corrupt_trainer_json(run):
+        (run / step / "trainer.json").write_text('{"step": 2, "form')
+
+    def dangling_latest(run):
+        (run / "checkpoints/latest").write_text("step_7\n")
+
+    cases = [
+        (missing_shard, [], ["__0_0.distcp", "is missing"]),
+        (truncated_shard, [], ["__0_0.distcp", "truncated"]),
+        (garbage_metadata, [], [".metadata", "corrupt"]),
+        (code_in_metadata, [], [".metadata", "refusing to load", "system"]),
+        (corrupt_trainer_json, [], ["step_2/trainer.json", "corrupt"]),
+        (dangling_latest, [], ["latest", "step_7"]),
+        (None, ["model.hidden_size=32"], ["model.hidden_size=64", "model.hidden_size=32"]),
+        (None, ["model.num_layers=3"], ["model.num_layers=2"]),
+        (None, ["train.global_batch_size=16"], ["train.global_batch_size=8"]),
+        (None, ["resume=none"], ["already holds checkpoints", "resume=auto"]),
+    ]
+    for i, (damage, overrides, words) in enumerate(cases):
+        run = tmp_path / f"case{i}"
+        shutil.copytree(src, run)
+        if damage:
+            damage(run)
+        before = _snapshot(run)
+        args = [*TINY, f"run_dir={run}", "train.max_steps=4", "checkpoint.every=1"]
+        resume = [] if any(o.startswith("resume=") for o in overrides) else ["resume=auto"]
+        code = main([*args, *resume, *overrides], str(ROOT / "conf"))
+        err = capsys.readouterr().err
+        assert code == 2, (damage, overrides, err)
+        assert all(w in err for w in words), (words, err)
+        assert "Traceback" not in err
+        assert _snapshot(run) == before, f"case {i} changed the run dir"
+    assert not (tmp_path / "pwned").exists()
+
+
+class _Exploit:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def _snapshot(run: Path) -> dict[str, str]:
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+# ---------------------------------------------------------------- kill -9, 2 ranks, 3 backends
+
+
+def _train_jobs(rank: int, world: int, jobs: list, probe: torch.Tensor) -> list:
+    """Train each (run_dir, overrides) job; rank 0 returns (step records, logits of `probe` from
+    the trained model, taken just before the backend closes)."""
+    from gradcycle import trainer
+
+    out = []
+    build = trainer.build_backend
+    for run_dir, overrides in jobs:
+        logits = {}
+
+        def capturing(*args, **kwargs):
+            backend = build(*args, **kwargs)
+            close = backend.close
+
+            def close_after_probe():
+                with torch.no_grad():
+                    logits["probe"] = backend.model(input_ids=probe).logits.float().clone()
+                close()
+
+            backend.close = close_after_probe
+            return backend
+
+        trainer.build_backend = capturing
+        try:
+            trainer.run(compose([*TINY, f"run_dir={run_dir}", *overrides]))
+        finally:
+            trainer.build_backend = build
+        out.append((steps_of(run_dir), logits.get("probe")) if rank == 0 else None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """Per backend, on 2 ranks: an uninterrupted run, and a run whose ranks are SIGKILLed at the
+    start of micro-batch 1 of step 4 (checkpoint step_2 on disk, records 1-3 written), then
+    resumed with resume=auto. All resumes and references share one spawn."""
+    base = tmp_path_factory.mktemp("killed")
+    runs = {}
+    for b in BACKENDS:
+        args = [*TINY, *STEPS, f"backend={b}", f"run_dir={base / b}"]
+        procs = launch(2, args, base / f"log-{b}", env={"GRADCYCLE_FAULT": "kill:4:1"})
+        runs[b] = {"exit": wait(procs, timeout=300), "log": logs(base / f"log-{b}")}
+        runs[b]["before"] = steps_of(base / b)
+        runs[b]["names"] = checkpoint_names(base / b)
+    jobs = [(str(base / f"ref-{b}"), [*STEPS, f"backend={b}"]) for b in BACKENDS]
+    jobs += [(str(base / b), [*STEPS, f"backend={b}", "resume=auto"]) for b in BACKENDS]
+    results = run_on_ranks(_train_jobs, 2, args=(jobs, PROBE))[0]
+    for i, b in enumerate(BACKENDS):
+        runs[b]["ref"], runs[b]["ref_logits"] = results[i]
+        runs[b]["resumed"] = results[len(BACKENDS) + i][0]
+    return base, runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kill_mid_cycle_then_resume_matches_uninterrupted(killed, backend):
+    base, runs = killed
+    r = runs[backend]
+    assert [code for code, _ in r["exit"]] == [-9, -9], r["log"]
+    assert r["names"] == ["latest", "step_2"]  # step 4 died mid-cycle, before its checkpoint
+    assert [s["step"] for s in r["before"]] == [1, 2, 3]
+    assert_same_run(r["resumed"], r["ref"])  # steps 1-2 kept, 3 superseded and redone, 4-5 new
+    superseded = [json.loads(line) for line in open(base / backend / "metrics.superseded.jsonl")]
+    assert [s["step"] for s in superseded] == [3]
+    assert superseded[0]["loss"] == pytest.approx(r["ref"][2]["loss"], abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["fsdp", "ddp"])
+def test_resume_on_one_rank_keeps_the_global_batch(killed, tmp_path, backend):
+    """A 2-rank DCP checkpoint (FSDP: really sharded) resumes on 1 rank: accumulation doubles, the
+    global batch and the following losses stay those of the 2-rank run."""
+    base, runs = killed
+    ref = runs[backend]["ref"]
+    resumed = train_steps(
+        tmp_path, [*STEPS, f"backend={backend}", f"resume={base}/ref-{backend}/checkpoints/step_4"]
+    )
+    assert [r["step"] for r in resumed] == [5]
+    assert resumed[0]["world_size"] == 1 and ref[-1]["world_size"] == 2
+    assert resumed[0]["accumulation_steps"] == 2 * ref[-1]["accumulation_steps"]
+    assert resumed[0]["samples"] == ref[-1]["samples"]
+    assert resumed[0]["tokens_seen"] == ref[-1]["tokens_seen"]
+    assert resumed[0]["loss"] == pytest.approx(ref[-1]["loss"], abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_export_gives_the_trained_models_logits(killed, tmp_path, backend):
+    """DCP shards or ZeRO-3 partitions of 2 ranks -> one save_pretrained dir, in this process."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gradcycle.export import main
+
+    base, runs = killed
+    out = tmp_path / "hf"
+    assert main([str(base / f"ref-{backend}"), str(out)]) == 0  # run dir -> checkpoint `latest`
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        logits = model(input_ids=PROBE).logits
+    expected = runs[backend]["ref_logits"]
+    assert expected is not None and logits.shape == expected.shape
+    assert (logits - expected).abs().max().item() <= 1e-5
+    assert AutoTokenizer.from_pretrained(out)("def f():")["input_ids"]
+    assert main([str(base / f"ref-{backend}"), str(out)]) == 2  # never overwrites
