@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup train test lint format bench clean
+.PHONY: setup train test lint format bench clean slurm-start slurm-stop
 
 setup: $(STAMP)
 
@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: it comes from the local wheel where one exists (no CUDA download)
 	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[dev,bench]"
+	# slurm: submitit + hydra-submitit-launcher, for the sweeps tests/test_slurm.py submits
+	$(BIN)/python -m pip install -q -e ".[dev,bench,slurm]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -33,6 +34,15 @@ lint: setup
 
 format: setup
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+# A two-node Slurm cluster on this machine (root; installs Slurm and munge with apt if missing).
+# tests/test_slurm.py starts and stops it by itself; these are for trying the sbatch scripts.
+slurm-start:
+	launch/slurm/local_cluster.sh start
+	@echo 'now: eval "$$(launch/slurm/local_cluster.sh env)"'
+
+slurm-stop:
+	launch/slurm/local_cluster.sh stop
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

@@ -84,7 +84,7 @@ def now() -> tuple[float, float]:
 
 def timed_train(overrides: list[str], rank: int = 0, name: str = "run"):
     """Run gradcycle's trainer in this process; return (clock readings where each optimizer step
-    ended, rank 0's step records). The clocks are read where the trainer hands a step's record to
+    ended, rank 0's step records, what it printed). The clocks are read where the trainer hands a step's record to
     its sink, i.e. after everything the loop does for the step."""
     import gradcycle.trainer
     from gradcycle.telemetry import MetricsSink
@@ -101,12 +101,12 @@ def timed_train(overrides: list[str], rank: int = 0, name: str = "run"):
     run_dir = Path(tempfile.gettempdir()) / f"gradcycle-bench-{name}"
     gradcycle.trainer.MetricsSink = StampedSink
     try:
-        with quiet():
+        with quiet() as printed:
             gradcycle.trainer.run(compose([*overrides, f"run_dir={run_dir}"]))
     finally:
         gradcycle.trainer.MetricsSink = MetricsSink
     if rank != 0:
-        return ends, []
+        return ends, [], printed.getvalue()
     records = read_records(run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
-    return ends, records
+    return ends, records, printed.getvalue()

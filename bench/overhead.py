@@ -202,7 +202,7 @@ def run_accelerate(w: Workload, n: int, rank: int, world: int, backend: str):
 
 def run_gradcycle(w: Workload, n: int, rank: int, world: int, backend: str):
     overrides = [*w.overrides, f"backend={backend}", f"train.max_steps={n}"]
-    ends, records = timed_train(overrides, rank, f"overhead-{backend}-{world}")
+    ends, records, _ = timed_train(overrides, rank, f"overhead-{backend}-{world}")
     return ends, (records[0]["loss"] if records else None)
 
 

@@ -68,10 +68,13 @@ def run_on_ranks(fn, world_size: int = 2, args: tuple = (), env: dict | None = N
             rank, status, value = queue.get(timeout=1.0)
         except queue_mod.Empty:
             dead = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
-            if dead:  # a rank died without reporting (crash, signal)
+            gone = all(p.exitcode is not None for p in procs)
+            if dead or gone:  # a rank died, or exited without a (picklable) result
                 time.sleep(1.0)
                 if queue.empty():
-                    errors.append(f"ranks died without a result: {dead}")
+                    errors.append(f"ranks ended without a result: exit codes "
+                                  f"{[p.exitcode for p in procs]} (a crash, or an unpicklable "
+                                  "return value)")  # fmt: skip
             elif time.monotonic() > deadline:
                 errors.append(f"no result within {timeout}s")
             continue

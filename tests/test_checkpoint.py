@@ -148,29 +148,35 @@ def _snapshot(run: Path) -> dict[str, str]:
 # ---------------------------------------------------------------- kill -9, 2 ranks, 3 backends
 
 
+def _probing(build, probe: torch.Tensor, sink: dict):
+    """Wrap build_backend: just before the trained backend closes, record its logits of `probe`."""
+
+    def wrapped(*args, **kwargs):
+        backend = build(*args, **kwargs)
+        close = backend.close
+
+        def close_after_probe():
+            with torch.no_grad():
+                # numpy: a tensor would travel by shared memory, gone once this rank exits
+                sink["probe"] = backend.model(input_ids=probe).logits.float().numpy()
+            close()
+
+        backend.close = close_after_probe
+        return backend
+
+    return wrapped
+
+
 def _train_jobs(rank: int, world: int, jobs: list, probe: torch.Tensor) -> list:
     """Train each (run_dir, overrides) job; rank 0 returns (step records, logits of `probe` from
-    the trained model, taken just before the backend closes)."""
+    the trained model)."""
     from gradcycle import trainer
 
     out = []
     build = trainer.build_backend
     for run_dir, overrides in jobs:
-        logits = {}
-
-        def capturing(*args, **kwargs):
-            backend = build(*args, **kwargs)
-            close = backend.close
-
-            def close_after_probe():
-                with torch.no_grad():
-                    logits["probe"] = backend.model(input_ids=probe).logits.float().clone()
-                close()
-
-            backend.close = close_after_probe
-            return backend
-
-        trainer.build_backend = capturing
+        logits: dict = {}
+        trainer.build_backend = _probing(build, probe, logits)
         try:
             trainer.run(compose([*TINY, f"run_dir={run_dir}", *overrides]))
         finally:
@@ -181,14 +187,16 @@ def _train_jobs(rank: int, world: int, jobs: list, probe: torch.Tensor) -> list:
 
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory):
-    """Per backend, on 2 ranks: an uninterrupted run, and a run whose ranks are SIGKILLed at the
-    start of micro-batch 1 of step 4 (checkpoint step_2 on disk, records 1-3 written), then
-    resumed with resume=auto. All resumes and references share one spawn."""
+    """Per backend, on 2 ranks: an uninterrupted run, and a run SIGKILLed at the start of
+    micro-batch 1 of step 4 (checkpoint step_2 on disk, records 1-3 written), then resumed with
+    resume=auto. ddp: only rank 1 is killed, rank 0 must fail by itself (no launcher agent kills
+    it). All resumes and references share one spawn."""
     base = tmp_path_factory.mktemp("killed")
     runs = {}
     for b in BACKENDS:
-        args = [*TINY, *STEPS, f"backend={b}", f"run_dir={base / b}"]
-        procs = launch(2, args, base / f"log-{b}", env={"GRADCYCLE_FAULT": "kill:4:1"})
+        fault = "kill:4:1@1" if b == "ddp" else "kill:4:1"
+        args = [*TINY, *STEPS, f"backend={b}", f"run_dir={base / b}", "backend.dist_timeout_s=30"]
+        procs = launch(2, args, base / f"log-{b}", env={"GRADCYCLE_FAULT": fault})
         runs[b] = {"exit": wait(procs, timeout=300), "log": logs(base / f"log-{b}")}
         runs[b]["before"] = steps_of(base / b)
         runs[b]["names"] = checkpoint_names(base / b)
@@ -206,13 +214,25 @@ def killed(tmp_path_factory):
 def test_kill_mid_cycle_then_resume_matches_uninterrupted(killed, backend):
     base, runs = killed
     r = runs[backend]
-    assert [code for code, _ in r["exit"]] == [-9, -9], r["log"]
+    assert r["exit"][1][0] == -9, r["log"]
+    assert r["exit"][0][0] not in (0, None), r["log"]  # -9, or failed because its peer died
     assert r["names"] == ["latest", "step_2"]  # step 4 died mid-cycle, before its checkpoint
     assert [s["step"] for s in r["before"]] == [1, 2, 3]
     assert_same_run(r["resumed"], r["ref"])  # steps 1-2 kept, 3 superseded and redone, 4-5 new
     superseded = [json.loads(line) for line in open(base / backend / "metrics.superseded.jsonl")]
     assert [s["step"] for s in superseded] == [3]
     assert superseded[0]["loss"] == pytest.approx(r["ref"][2]["loss"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_killed_rank_makes_the_survivor_exit_nonzero(killed):
+    """Rank 1 SIGKILLed mid-cycle: rank 0 exits non-zero on its own, well within
+    backend.dist_timeout_s=30 (the dead peer's closed connection fails its next collective)."""
+    r = killed[1]["ddp"]
+    (code0, after0), (code1, _) = r["exit"]
+    assert code1 == -9 and code0 not in (0, None, -9), r["log"]
+    assert after0 < 30, r["log"]
+    assert "Traceback" in r["log"]  # a clear failure on rank 0, not a silent exit
 
 
 @pytest.mark.slow
@@ -248,8 +268,8 @@ def test_export_gives_the_trained_models_logits(killed, tmp_path, backend):
     model = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
         logits = model(input_ids=PROBE).logits
-    expected = runs[backend]["ref_logits"]
-    assert expected is not None and logits.shape == expected.shape
+    expected = torch.from_numpy(runs[backend]["ref_logits"])
+    assert logits.shape == expected.shape
     assert (logits - expected).abs().max().item() <= 1e-5
     assert AutoTokenizer.from_pretrained(out)("def f():")["input_ids"]
     assert main([str(base / f"ref-{backend}"), str(out)]) == 2  # never overwrites

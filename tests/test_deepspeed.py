@@ -45,12 +45,10 @@ JOBS["zero2-per_micro-k4-ac"] = _job("zero2", "per_micro", 4, "activation_checkp
 JOBS["zero3-per_cycle-k4-ac"] = _job("zero3", "per_cycle", 4, "activation_checkpointing.mode=full")
 JOBS["zero1-bf16"] = _bf16("zero1", "per_cycle")
 JOBS["zero2-bf16-per_cycle"] = _bf16("zero2", "per_cycle")
-JOBS["zero2-bf16-per_micro"] = _bf16("zero2", "per_micro")
 JOBS["zero3-bf16"] = _bf16("zero3", "per_cycle") + ["backend.param_persistence_threshold=0"]
 
 # Direct checks: a backend built by hand, K=2, on random ragged batches (vocabulary fixed).
 DIRECT = {
-    "zero1": ["backend=zero1"],
     "zero2": ["backend=zero2", "backend.sync=per_cycle"],
     "zero3": ["backend=zero3", "backend.param_persistence_threshold=0"],
     "zero2-fp16": ["backend=zero2", "precision=fp16"],
@@ -254,7 +252,6 @@ def test_matches_single_process_reference(spawn, refs, backend, sync, k):
     for g, r in zip(got, ref, strict=True):
         assert _close(g["loss"], r["loss"]), (g["step"], g["loss"], r["loss"])
         assert _close(g["grad_norm"], r["grad_norm"]), (g["step"], g["grad_norm"], r["grad_norm"])
-    assert got[0]["loss"] > got[-1]["loss"] or got[1]["loss"] != got[0]["loss"]  # it trained
 
 
 def test_adamw_with_warmup_matches_reference(spawn, refs):
@@ -283,16 +280,14 @@ def test_bf16_trains(spawn, job):
 
 def test_bf16_zero2_coalesces_gradient_reduction(spawn):
     # DeepSpeed 0.19 runs bf16 ZeRO-2 on its ZeRO optimizer, not the BF16_Optimizer wrapper, so
-    # coalesce_grad_reduction works: K=2 per_micro reduces once more than per_cycle.
-    cyc, mic = (spawn["records"][f"zero2-bf16-{s}"][-1]["comm"]["all_reduce"]
-                for s in ("per_cycle", "per_micro"))  # fmt: skip
-    assert mic["calls"] - cyc["calls"] == 1 and mic["bytes"] - cyc["bytes"] == 2 * P
-    for c, m in zip(*(spawn["records"][f"zero2-bf16-{s}"] for s in ("per_cycle", "per_micro"))):
-        assert _close(c["loss"], m["loss"], rel=1e-3)
+    # coalesce_grad_reduction works: at K=2 one bf16 gradient all-reduce (2P bytes), the G
+    # grad-norm scalars (4 B) and bf16's 1-byte overflow flag; per_micro would add one more.
+    comm = spawn["records"]["zero2-bf16-per_cycle"][-1]["comm"]["all_reduce"]
+    assert (comm["calls"], comm["bytes"]) == (1 + G + 1, 2 * P + 4 * G + 1)
 
 
 # -- the backend directly --------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3"])
+@pytest.mark.parametrize("name", ["zero2", "zero3"])
 def test_initial_weights_are_those_of_the_plain_model(spawn, name):
     d = spawn["direct"][name]
     # zero3 builds under zero.Init (partitioned as created) and still draws the same weights.
@@ -337,7 +332,7 @@ def _plan(cfg):
 
 
 def test_generated_config_sections():
-    from gradcycle.backends.ds_config import build_ds_config
+    from gradcycle.backends.ds_config import build_ds_config, resolve_sync
 
     cfg = compose([*TINY, "backend=zero3", "precision=bf16", "backend.offload_optimizer=true",
                    "backend.offload_param=true", "backend.param_persistence_threshold=100",
@@ -352,14 +347,9 @@ def test_generated_config_sections():
     cfg16 = compose([*TINY, "backend=zero2", "precision=fp16"])
     fp16 = build_ds_config(cfg16, _plan(cfg16), on_gpu=False)["fp16"]
     assert fp16["enabled"] and fp16["loss_scale"] == 0  # 0 = dynamic loss scaling
-
-
-@pytest.mark.parametrize("backend,want", [("zero1", "per_cycle"), ("zero2", "per_micro"),
-                                          ("zero3", "per_micro")])  # fmt: skip
-def test_auto_sync(backend, want):
-    from gradcycle.backends.ds_config import resolve_sync
-
-    assert resolve_sync(compose([*TINY, f"backend={backend}"]).backend) == want
+    # auto: per_cycle where it is free (ZeRO-1), per_micro where it holds a full gradient
+    auto = {b: resolve_sync(compose([*TINY, f"backend={b}"]).backend) for b in ("zero1", "zero2")}
+    assert auto == {"zero1": "per_cycle", "zero2": "per_micro"}
 
 
 def _error(overrides: list[str]) -> str:

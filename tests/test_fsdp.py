@@ -1,6 +1,6 @@
 """FSDP2 and HSDP: collectives per cycle (counted), equivalence with one process, sharded init.
 
-Everything distributed runs in ONE 2-rank spawn (`_two_ranks`, module-scoped); the tests below
+Everything distributed runs in ONE 2-rank spawn (the module-scoped `two_ranks` fixture); the tests below
 assert on its results. The references are single-process runs (ddp, world 1, micro = global).
 """
 
@@ -217,7 +217,7 @@ def test_sync_plan_states_the_measured_counts(two_ranks):
             rows = {name: int(count.split("x")[0]) for name, count in plan.rows}
             measured = _measured(two_ranks["records"][(mesh, policy, 4, "sgd")][0])
             assert rows == {names[op]: calls for op, (calls, _) in measured.items()}
-            assert ("GiB" in plan.extra_memory) == (policy == "per_cycle")
+            assert ("MiB per rank" in plan.extra_memory) == (policy == "per_cycle")
 
 
 # -- equivalence with one process ---------------------------------------------------------------
@@ -256,6 +256,7 @@ def test_eval_between_steps_leaves_per_cycle_training_unchanged(two_ranks):
     with_eval = rec[("fsdp", "per_cycle", 4, "sgd", "train.eval_every=1", "train.eval_batches=2")]
     for a, b in zip(with_eval, rec[("fsdp", "per_cycle", 4, "sgd")], strict=True):
         assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"])
+        assert _measured(a) == _measured(b)  # eval's own gathers are not counted as the step's
 
 
 @pytest.mark.slow
@@ -321,10 +322,9 @@ def test_checkpoint_resumes_on_another_sharding(two_ranks):
     assert [r["step"] for r in resumed] == [3]
     pairs = lambda records: [(r["loss"], r["grad_norm"]) for r in records]  # noqa: E731
     assert pairs(rec["saved"]) == pairs(straight)  # checkpointing changes nothing
-    assert (resumed[0]["loss"], resumed[0]["grad_norm"]) == (
-        straight[2]["loss"],
-        straight[2]["grad_norm"],
-    )
+    # the same step 3 up to the reduction order of another sharding (~1e-7)
+    assert _rel(resumed[0]["loss"], straight[2]["loss"]) < 1e-6
+    assert _rel(resumed[0]["grad_norm"], straight[2]["grad_norm"]) < 1e-6
 
 
 # -- bad input and pure helpers ---------------------------------------------------------------------

@@ -12,6 +12,7 @@ in the same run dir. Slurm delays a requeued job by ~2 minutes; the test release
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -53,15 +54,18 @@ def slurm_env():
         pytest.skip(reason)
     env = {**os.environ, "GRADCYCLE_SLURM_DIR": str(SLURM_DIR),
            "SLURM_CONF": str(SLURM_DIR / "slurm.conf")}  # fmt: skip
-    already_running = _cluster("status", env, 30).returncode == 0
-    started = _cluster("start", env)
-    assert started.returncode == 0, f"local cluster did not start:\n{started.stderr}"
-    try:
-        yield env
-    finally:
-        if not already_running:
-            stopped = _cluster("stop", env, 120)
-            assert stopped.returncode == 0, stopped.stderr
+    # One test session at a time drives the cluster: another one would stop it under our jobs.
+    with open(f"{SLURM_DIR}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        already_running = _cluster("status", env, 30).returncode == 0
+        started = _cluster("start", env)
+        assert started.returncode == 0, f"local cluster did not start:\n{started.stderr}"
+        try:
+            yield env
+        finally:
+            if not already_running:
+                stopped = _cluster("stop", env, 120)
+                assert stopped.returncode == 0, stopped.stderr
 
 
 def _submit(script: str, out: Path, overrides: list[str], env: dict) -> tuple:

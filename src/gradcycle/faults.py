@@ -14,6 +14,7 @@ Fault injection (tests only; unset in normal runs, and then every hook is a no-o
     kill:<step>:<micro>      SIGKILL this process when that micro-batch starts (kill -9 mid-cycle)
     sigterm:<step>:<micro>   send SIGTERM to this process there (a preemption notice)
     sigusr1:<step>:<micro>   send SIGUSR1 to this process there (a time-limit warning)
+    hang:<step>:<micro>      SIGSTOP this process there (alive but unresponsive)
     kill_in_save:<step>      SIGKILL inside checkpoint step_<step>, after every shard is written
                              and before the rename that completes it
     nan_loss:<step>          that step's loss becomes NaN (so do its gradients)
@@ -32,7 +33,9 @@ from dataclasses import dataclass
 import torch
 
 ENV_VAR = "GRADCYCLE_FAULT"
-KINDS = ("kill", "sigterm", "sigusr1", "kill_in_save", "nan_loss", "inf_grad")
+KINDS = ("kill", "sigterm", "sigusr1", "hang", "kill_in_save", "nan_loss", "inf_grad")
+_AT_MICRO = {"kill": signal.SIGKILL, "sigterm": signal.SIGTERM, "sigusr1": signal.SIGUSR1,
+             "hang": signal.SIGSTOP}  # fmt: skip
 
 
 class StopSignal:
@@ -110,7 +113,7 @@ def parse(spec: str) -> list[Fault]:
                 f"{ENV_VAR}={spec!r}: cannot parse {item!r}; expected <kind>:<step>[:<micro>]"
                 f"[@<rank>] with kind one of {', '.join(KINDS)}"
             )
-        micro = int(nums[1]) if len(nums) > 1 else (0 if kind in KINDS[:3] else None)
+        micro = int(nums[1]) if len(nums) > 1 else (0 if kind in _AT_MICRO else None)
         faults.append(Fault(kind, int(nums[0]), micro, int(rank) if rank else None))
     return faults
 
@@ -132,13 +135,9 @@ class Faults:
         """Called as micro-batch `micro` of the step with 0-based index `step0` starts."""
         if not self.faults:
             return
-        step = step0 + 1
-        if self._hit("kill", step, micro):
-            _flush_and_kill(signal.SIGKILL)
-        if self._hit("sigterm", step, micro):
-            os.kill(os.getpid(), signal.SIGTERM)
-        if self._hit("sigusr1", step, micro):
-            os.kill(os.getpid(), signal.SIGUSR1)
+        for kind, sig in _AT_MICRO.items():
+            if self._hit(kind, step0 + 1, micro):
+                _flush_and_kill(sig)
 
     def wrap_loss(self, step0: int, loss_fn):
         if not self.faults:

@@ -185,7 +185,10 @@ def evaluate(cfg, shape: Shape, world: int, nodes: int, micro: int, sync: str,
     )  # fmt: skip
     colls = collectives(setup, max(1, world // nodes))
     hw = cfg.hardware
-    t = step_time(setup, colls, hw.bf16_tflops, hw.intra_node_gbps, hw.inter_node_gbps,
+    # hardware=cpu has no interconnect worth modelling (gloo, test runs): communication is not
+    # timed there, so auto never trades memory for it and keeps each backend's default.
+    timed = [] if hw.name == "cpu" else colls
+    t = step_time(setup, timed, hw.bf16_tflops, hw.intra_node_gbps, hw.inter_node_gbps,
                   cfg.plan.mfu)  # fmt: skip
     return Candidate(setup, estimate(setup), colls, t, ac)
 

@@ -201,6 +201,7 @@ def run(cfg) -> dict:
                 ev = evaluate(
                     backend, val_set, plan, cfg, env, device, corpus.tokenizer.pad_token_id
                 )
+                comm.take()  # eval's parameter gathers (fsdp, hsdp, zero3) are no step's
                 sink.write({"step": state.step, **ev})
                 progress.note(f"step {state.step}: eval_loss {ev['eval_loss']:.4f}")
             stopping = stop_votes > 0

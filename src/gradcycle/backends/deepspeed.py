@@ -29,6 +29,7 @@ import torch.distributed as dist
 from gradcycle.backends.base import Backend, StepResult, SyncPlan, build_optimizer
 from gradcycle.backends.ds_config import build_ds_config, resolve_sync, zero_stage
 from gradcycle.batching import plan_from_config
+from gradcycle.model import count_params
 from gradcycle.telemetry import CommCounter
 
 CKPT_TAG = "zero"  # save_state(path) writes path/zero/* (+ DeepSpeed's zero_to_fp32.py)
@@ -158,28 +159,33 @@ class DeepSpeedBackend(Backend):
 
     # -- the start-up plan -------------------------------------------------------------------
     def sync_plan(self, k: int) -> SyncPlan:
-        n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-                       for p in self.module.parameters())  # fmt: skip
+        n_params = count_params(self.module)
         grad_bytes = {"bf16": 2, "fp16": 2}.get(self.cfg.precision, 4)
-        reductions = 1 if self.sync == "per_cycle" else k
-        op = {1: "all-reduce", 2: "all-reduce", 3: "reduce-scatter"}[self.stage]
-        rows = [(f"gradient {op} (bucketed)", f"{reductions}x per cycle")]
+        n = 1 if self.sync == "per_cycle" else k
+        when = {1: "at the boundary", 2: "coalesced", 3: "coalesced"}[self.stage]
+        if self.sync == "per_micro":
+            when = "after every micro-batch's backward"
+        op = "reduce-scatter" if self.stage == 3 else "all-reduce"
+        rows = [(f"gradient {op} (per bucket)", f"{n}x per cycle, {when}")]
         if self.stage < 3:
-            rows.append(("updated-parameter all-gather", "1x per cycle (after the step)"))
+            rows.append(("updated-parameter all-gather", "1x per cycle, after the step"))
         else:
-            rows.append(("parameter all-gather (per module)",
-                         f"every micro-batch forward and backward: {2 * k}x per cycle"))  # fmt: skip
-        extra, note = "none", ""
+            rows.append(("parameter all-gather (per module)", f"every micro-batch: in forward and "
+                         f"again in backward, {k}x-{2 * k}x per cycle"))  # fmt: skip
+        rows.append(("grad-norm scalar all-reduce", "1x per cycle"))
+        extra = "none"
         if self.stage == 1:
             extra = "none (ZeRO-1 keeps a full local gradient anyway)"
         elif self.sync == "per_cycle":
             full = n_params * grad_bytes * (1 - 1 / self.world)
             extra = (f"a full local gradient ({grad_bytes} B/param instead of a 1/{self.world} "
                      f"shard): +{full / 2**20:.1f} MiB per rank")  # fmt: skip
+        note = ""
         if self.stage == 3:
-            note = ("ZeRO-3 re-gathers parameters for every micro-batch whatever the policy; "
-                    "per_cycle defers only the gradient reduction. Parameters below "
-                    "stage3_param_persistence_threshold stay resident and are not gathered.")  # fmt: skip
+            note = ("ZeRO-3 gathers parameters for every micro-batch whatever the policy; "
+                    "per_cycle defers only the gradient reduction. Backward re-gathers a module "
+                    "unless it is still held (stage3_max_reuse_distance); parameters under "
+                    "stage3_param_persistence_threshold stay resident and are never gathered.")  # fmt: skip
         return SyncPlan(policy=self.sync, rows=rows, extra_memory=extra, note=note)
 
     # -- checkpoint / export -----------------------------------------------------------------

@@ -211,8 +211,9 @@ class FSDPBackend(TorchBackend):
         extra = "none (at most a unit or two unsharded at a time)"
         if self.sync == "per_cycle" and shard > 1:
             held = n_params * (p_bytes + g_bytes)
+            size = f"{held / 2**30:.2f} GiB" if held >= 2**30 else f"{held / 2**20:.2f} MiB"
             extra = (
-                f"{held / 2**30:.2f} GiB per rank: unsharded parameters ({p_bytes} B/param) and "
+                f"{size} per rank: unsharded parameters ({p_bytes} B/param) and "
                 f"unsharded gradients ({g_bytes} B/param) of all {n_params / 1e6:.1f}M parameters"
             )
         note = f"mesh {'x'.join(map(str, self.shape))}"
