@@ -55,8 +55,9 @@ def case(model: str, backend: str, micro: int, k: int, ac: str = "none", precisi
 
 
 def window_peak(prof, mark: str) -> int:
-    """Most bytes live in the CPU allocator inside the `mark` region, counted from the allocation
-    events of this profiling session (each carries its signed size)."""
+    """Most bytes live in the CPU allocator inside the `mark` region, replayed from this profiling
+    session's allocation events (pointer, signed size). A block whose free was not reported (freed
+    by a thread the profiler missed) is dropped when its address is handed out again."""
     start = end = None
     events = []
 
@@ -66,18 +67,22 @@ def window_peak(prof, mark: str) -> int:
             start, end = node.start_time_ns, node.start_time_ns + node.duration_time_ns
         ef = getattr(node, "extra_fields", None)
         if ef is not None and hasattr(ef, "alloc_size") and ef.device.type == "cpu":
-            events.append((node.start_time_ns, ef.alloc_size))
+            events.append((node.start_time_ns, ef.alloc_size, ef.ptr))
         for child in node.children:
             walk(child)
 
     for root in prof.profiler.kineto_results.experimental_event_tree():
         walk(root)
     assert start is not None, f"no {mark} region in the profile"
-    live, peak = 0, 0
-    for t, size in sorted(events):
-        live += size
+    live: dict[int, int] = {}
+    total = peak = 0
+    for t, size, ptr in sorted(events):
+        total -= live.pop(ptr, 0)  # a free, or an address reused after an unreported free
+        if size > 0:
+            live[ptr] = size
+            total += size
         if start <= t <= end:
-            peak = max(peak, live)
+            peak = max(peak, total)
     return peak
 
 

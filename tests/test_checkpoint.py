@@ -88,6 +88,12 @@ def test_bad_checkpoints_are_refused_naming_the_file(tmp_path, capsys):
         p = run / step / "state/__0_0.distcp"
         p.write_bytes(p.read_bytes()[:100])
 
+    def garbage_shard(run):  # same size: only reading it shows the damage
+        p = run / step / "state/__0_0.distcp"
+        data = bytearray(p.read_bytes())
+        data[::5] = bytes(len(data[::5]))
+        p.write_bytes(bytes(data))
+
     def garbage_metadata(run):
         p = run / step / "state/.metadata"
         p.write_bytes(b"\x00" * p.stat().st_size)
@@ -106,6 +112,7 @@ def test_bad_checkpoints_are_refused_naming_the_file(tmp_path, capsys):
     cases = [
         (missing_shard, [], ["__0_0.distcp", "is missing"]),
         (truncated_shard, [], ["__0_0.distcp", "truncated"]),
+        (garbage_shard, [], ["__0_0.distcp", "is corrupt"]),
         (garbage_metadata, [], [".metadata", "corrupt"]),
         (code_in_metadata, [], [".metadata", "refusing to load", "system"]),
         (corrupt_trainer_json, [], ["step_2/trainer.json", "corrupt"]),
@@ -149,7 +156,8 @@ def _snapshot(run: Path) -> dict[str, str]:
 
 
 def _probing(build, probe: torch.Tensor, sink: dict):
-    """Wrap build_backend: just before the trained backend closes, record its logits of `probe`."""
+    """Wrap build_backend: just before the trained backend closes, record its logits of `probe`
+    and its full_state_dict() (collective; rank 0 gets it)."""
 
     def wrapped(*args, **kwargs):
         backend = build(*args, **kwargs)
@@ -159,6 +167,9 @@ def _probing(build, probe: torch.Tensor, sink: dict):
             with torch.no_grad():
                 # numpy: a tensor would travel by shared memory, gone once this rank exits
                 sink["probe"] = backend.model(input_ids=probe).logits.float().numpy()
+            full = backend.full_state_dict()
+            if full is not None:
+                sink["full"] = {k: v.float().numpy() for k, v in full.items()}
             close()
 
         backend.close = close_after_probe
@@ -169,7 +180,7 @@ def _probing(build, probe: torch.Tensor, sink: dict):
 
 def _train_jobs(rank: int, world: int, jobs: list, probe: torch.Tensor) -> list:
     """Train each (run_dir, overrides) job; rank 0 returns (step records, logits of `probe` from
-    the trained model)."""
+    the trained model, its full state dict)."""
     from gradcycle import trainer
 
     out = []
@@ -181,7 +192,7 @@ def _train_jobs(rank: int, world: int, jobs: list, probe: torch.Tensor) -> list:
             trainer.run(compose([*TINY, f"run_dir={run_dir}", *overrides]))
         finally:
             trainer.build_backend = build
-        out.append((steps_of(run_dir), logits.get("probe")) if rank == 0 else None)
+        out.append((steps_of(run_dir), logits) if rank == 0 else None)
     return out
 
 
@@ -204,7 +215,8 @@ def killed(tmp_path_factory):
     jobs += [(str(base / b), [*STEPS, f"backend={b}", "resume=auto"]) for b in BACKENDS]
     results = run_on_ranks(_train_jobs, 2, args=(jobs, PROBE))[0]
     for i, b in enumerate(BACKENDS):
-        runs[b]["ref"], runs[b]["ref_logits"] = results[i]
+        runs[b]["ref"], probed = results[i]
+        runs[b]["ref_logits"], runs[b]["ref_full"] = probed["probe"], probed["full"]
         runs[b]["resumed"] = results[len(BACKENDS) + i][0]
     return base, runs
 
@@ -257,6 +269,7 @@ def test_resume_on_one_rank_keeps_the_global_batch(killed, tmp_path, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_export_gives_the_trained_models_logits(killed, tmp_path, backend):
     """DCP shards or ZeRO-3 partitions of 2 ranks -> one save_pretrained dir, in this process."""
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gradcycle.export import main
@@ -271,5 +284,10 @@ def test_export_gives_the_trained_models_logits(killed, tmp_path, backend):
     expected = torch.from_numpy(runs[backend]["ref_logits"])
     assert logits.shape == expected.shape
     assert (logits - expected).abs().max().item() <= 1e-5
+    # the live model's full_state_dict() is exactly what was exported
+    exported = load_file(out / "model.safetensors")
+    full = runs[backend]["ref_full"]
+    assert set(exported) <= set(full) and "model.embed_tokens.weight" in exported
+    assert all(torch.equal(exported[k], torch.from_numpy(full[k])) for k in exported)
     assert AutoTokenizer.from_pretrained(out)("def f():")["input_ids"]
     assert main([str(base / f"ref-{backend}"), str(out)]) == 2  # never overwrites

@@ -24,6 +24,7 @@ global batch size, s) (data.GlobalBatches), and the LR schedule is a pure functi
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import random
@@ -156,6 +157,27 @@ def check_files(step_dir: Path, meta: dict) -> None:
             raise ValueError(f"{metadata} is corrupt ({type(e).__name__}: {e})") from e
 
 
+def unreadable_file(state_dir: Path, fmt: str) -> Path | None:
+    """After a failed load: the first file whose records do not deserialise, else None."""
+    if fmt == "dcp":
+        for info in dcp_reader(state_dir).read_metadata().storage_data.values():
+            path = state_dir / info.relative_path
+            with open(path, "rb") as f:
+                f.seek(info.offset)
+                blob = f.read(info.length)
+            try:
+                torch.load(io.BytesIO(blob), weights_only=True)
+            except Exception:
+                return path
+        return None
+    for path in sorted(state_dir.rglob("*.pt")):
+        try:
+            torch.load(path, weights_only=True, map_location="cpu")
+        except Exception:
+            return path
+    return None
+
+
 def param_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
     """Full parameter shapes, whatever the sharding (DTensor: global shape; ZeRO-3: ds_shape)."""
     return {name: list(getattr(p, "ds_shape", None) or p.shape)
@@ -244,7 +266,16 @@ class Checkpointer:
         self._check_compatible(path, meta)
         comm = CommCounter.instance()
         with comm.suspended(), weights_only_loads():
-            self.backend.load_state(path / "state")
+            try:
+                self.backend.load_state(path / "state")
+            except Exception as e:
+                bad = unreadable_file(path / "state", meta["format"])
+                if bad is None:  # not the checkpoint's fault
+                    raise
+                raise ValueError(
+                    f"{bad} is corrupt ({type(e).__name__}): resume from an earlier checkpoint "
+                    "with resume=<path>"
+                ) from e
             rng_file = path / "rng" / f"rank_{self.rank}.pt"
             if rng_file.is_file():  # absent when resuming on more ranks than were saved
                 set_rng_state(torch.load(rng_file, weights_only=True))

@@ -83,7 +83,7 @@ class CommCounter:
 
     def _wrap(self, fn, op, size):
         def counted(*args, **kwargs):
-            if not getattr(self._suspended, "on", False):
+            if not getattr(self._suspended, "depth", 0):
                 self.record(op, size(args, kwargs))
             return fn(*args, **kwargs)
 
@@ -100,11 +100,11 @@ class CommCounter:
     @contextlib.contextmanager
     def suspended(self):
         """For the trainer's own bookkeeping collectives (token count, logged loss)."""
-        self._suspended.on = True
+        self._suspended.depth = getattr(self._suspended, "depth", 0) + 1  # nestable
         try:
             yield
         finally:
-            self._suspended.on = False
+            self._suspended.depth -= 1
 
     def take(self) -> dict[str, dict[str, int]]:
         with self._lock:

@@ -181,7 +181,7 @@ def run(cfg) -> dict:
             elif result.skipped or not math.isfinite(loss):
                 if cfg.train.on_nonfinite == "halt":
                     raise NonFiniteHalt(
-                        f"step {step}: non-finite loss {loss} / grad norm {result.grad_norm}; "
+                        f"step {step + 1}: non-finite loss {loss} / grad norm {result.grad_norm}; "
                         "train.on_nonfinite=halt stopped the run and saved nothing new "
                         "(lower optim.lr, use precision=bf16, or train.on_nonfinite=skip)"
                     )
@@ -208,7 +208,8 @@ def run(cfg) -> dict:
             ckpt.maybe_save(state, final=stopping)
             if stopping:
                 progress.note(f"stop signal: checkpointed at step {state.step}, exiting")
-                if requeue_votes > 0 and env.is_main:  # SIGUSR1: the time-limit warning
+                # SIGUSR1 (the time-limit warning): requeue, unless the run is complete anyway
+                if requeue_votes > 0 and env.is_main and state.step < cfg.train.max_steps:
                     requeue_under_slurm()
                 break
     finally:

@@ -97,7 +97,11 @@ class DeepSpeedBackend(Backend):
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
-            module = make_model("cpu")
+            try:
+                module = make_model("cpu")
+            except BaseException:
+                self._forget_hf_ds_config()
+                raise
         else:
             module = make_model("cpu").to(device)
         self.module = module
@@ -233,6 +237,9 @@ class DeepSpeedBackend(Backend):
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
         self.engine = self.model = None
+        self._forget_hf_ds_config()
+
+    def _forget_hf_ds_config(self) -> None:
         if self._hf_ds_config is not None:
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
