@@ -5,7 +5,8 @@ the counts are its metrics.jsonl `comm` field for the second optimizer step (the
 lazy start-up traffic), and the extra memory is what the backend's start-up sync plan states for
 that policy. `auto` is run at K=4 to show what it resolves to. ZeRO-3 runs with
 backend.param_persistence_threshold=0, so the tiny model's parameters are gathered as a large
-model's would be (DeepSpeed otherwise keeps small parameters resident).
+model's would be (DeepSpeed otherwise keeps small parameters resident). hsdp runs as 2 replicas of
+1 shard (backend.replicate=2): on 2 ranks a 1x2 mesh would be plain fsdp.
 
     python bench/comm.py                       # every backend present in src/gradcycle/backends
     python bench/comm.py --backends ddp,fsdp --ks 1,4
@@ -51,6 +52,8 @@ def backend_runs(rank: int, world: int, backend: str, jobs: list[tuple[str, int]
                 f"train.accumulation_steps={k}"]  # fmt: skip
         if backend == "zero3":
             over.append("backend.param_persistence_threshold=0")
+        if backend == "hsdp":  # 2 replicas x 1 shard: the replica all-reduce is what hsdp adds
+            over.append("backend.replicate=2")
         try:
             _, records, printed = timed_train(over, rank, f"comm-{backend}-{policy}-{k}")
         except ValueError as e:  # a policy this backend refuses: its message is the answer
@@ -89,7 +92,8 @@ def main() -> None:
             continue
         for r in results:
             if "error" in r:
-                rows.append([backend, r["policy"], r["k"], *["n/a"] * len(OPS), r["error"]])
+                rows.append([backend, r["policy"], r["k"], *["n/a"] * len(OPS), "refused (note)"])
+                notes[(backend, r["policy"])] = r["error"]
                 continue
             policy = (
                 r["policy"] if r["policy"] == r["resolved"] else f"{r['policy']}->{r['resolved']}"

@@ -9,8 +9,11 @@
 interleaved (the order rotates every repetition, so background load hits all alike), each
 run `--warmup` steps then `--steps` timed ones. A step's time is the wall time between the ends of
 consecutive optimizer steps (for gradcycle, between its metrics records), so everything the loop
-does counts. All start from the same weights and see the same batches: the first step's
-loss, printed, must agree.
+does counts; the process CPU time of the same steps is reported too, as it hardly moves when other
+jobs share the cores. All start from the same weights and see the same batches: the first step's
+loss, printed, must agree. On 2 ranks with fsdp, gradcycle runs backend.sync=per_cycle and the
+bare loop does the same (gathered parameters and unreduced gradients through the cycle), while
+Accelerate's accumulate() defers only the gradient reduction (set_requires_gradient_sync).
 
     python bench/overhead.py                 # single process, then 2 ranks (ddp, fsdp if present)
     python bench/overhead.py --worlds 1 --reps 3
@@ -115,10 +118,12 @@ def _wrap_bare(model, backend: str, world: int):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # Per cycle, as gradcycle's fsdp runs here: parameters stay gathered and gradients unreduced
+    # until the last micro-batch (the loop sets the two flags before each backward).
     mesh = init_device_mesh("cpu", (world,))
     for layer in model.model.layers:  # one unit per decoder layer + the root
-        fully_shard(layer, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=False)
+    return fully_shard(model, mesh=mesh, reshard_after_forward=False)
 
 
 def run_bare(w: Workload, n: int, rank: int, world: int, backend: str, fused=None):
@@ -133,7 +138,11 @@ def run_bare(w: Workload, n: int, rank: int, world: int, backend: str, fused=Non
         n_tok = _token_count(micro, world)
         total = torch.zeros(())
         for k, batch in enumerate(micro):
-            skip_sync = backend == "ddp" and world > 1 and k < len(micro) - 1
+            last = k == len(micro) - 1
+            if backend == "fsdp" and world > 1:
+                model.set_requires_gradient_sync(last)
+                model.set_reshard_after_backward(last)
+            skip_sync = backend == "ddp" and world > 1 and not last
             with model.no_sync() if skip_sync else contextlib.nullcontext():
                 loss = _sum_ce(model, batch) / n_tok
                 (loss * world).backward()  # DDP/FSDP average over ranks: make it a sum
@@ -202,6 +211,8 @@ def run_accelerate(w: Workload, n: int, rank: int, world: int, backend: str):
 
 def run_gradcycle(w: Workload, n: int, rank: int, world: int, backend: str):
     overrides = [*w.overrides, f"backend={backend}", f"train.max_steps={n}"]
+    if backend == "fsdp":  # the policy that defers gradient reduction, as accumulate() does
+        overrides.append("backend.sync=per_cycle")
     ends, records, _ = timed_train(overrides, rank, f"overhead-{backend}-{world}")
     return ends, (records[0]["loss"] if records else None)
 
@@ -274,7 +285,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worlds", default="1,2", help="process counts to run, e.g. 1 or 1,2")
     ap.add_argument("--backends", default=None, help="2-rank backends (default: ddp, fsdp)")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")

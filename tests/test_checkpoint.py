@@ -203,12 +203,13 @@ def killed(tmp_path_factory):
     resume=auto. ddp: only rank 1 is killed, rank 0 must fail by itself (no launcher agent kills
     it). All resumes and references share one spawn."""
     base = tmp_path_factory.mktemp("killed")
-    runs = {}
-    for b in BACKENDS:
+    runs, procs = {}, {}
+    for b in BACKENDS:  # the three launches overlap: start-up (imports) dominates their time
         fault = "kill:4:1@1" if b == "ddp" else "kill:4:1"
         args = [*TINY, *STEPS, f"backend={b}", f"run_dir={base / b}", "backend.dist_timeout_s=30"]
-        procs = launch(2, args, base / f"log-{b}", env={"GRADCYCLE_FAULT": fault})
-        runs[b] = {"exit": wait(procs, timeout=300), "log": logs(base / f"log-{b}")}
+        procs[b] = launch(2, args, base / f"log-{b}", env={"GRADCYCLE_FAULT": fault})
+    for b in BACKENDS:
+        runs[b] = {"exit": wait(procs[b], timeout=400), "log": logs(base / f"log-{b}")}
         runs[b]["before"] = steps_of(base / b)
         runs[b]["names"] = checkpoint_names(base / b)
     jobs = [(str(base / f"ref-{b}"), [*STEPS, f"backend={b}"]) for b in BACKENDS]
@@ -248,15 +249,14 @@ def test_killed_rank_makes_the_survivor_exit_nonzero(killed):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["fsdp", "ddp"])
-def test_resume_on_one_rank_keeps_the_global_batch(killed, tmp_path, backend):
-    """A 2-rank DCP checkpoint (FSDP: really sharded) resumes on 1 rank: accumulation doubles, the
-    global batch and the following losses stay those of the 2-rank run."""
+@pytest.mark.parametrize("saved, resumed_on", [("fsdp", "fsdp"), ("fsdp", "ddp"), ("ddp", "hsdp")])
+def test_resume_on_one_rank_keeps_the_global_batch(killed, tmp_path, saved, resumed_on):
+    """A 2-rank DCP checkpoint (FSDP: really sharded) resumes on 1 rank, on the same or another DCP
+    backend: accumulation doubles, the global batch and the next loss stay the 2-rank run's."""
     base, runs = killed
-    ref = runs[backend]["ref"]
-    resumed = train_steps(
-        tmp_path, [*STEPS, f"backend={backend}", f"resume={base}/ref-{backend}/checkpoints/step_4"]
-    )
+    ref = runs[saved]["ref"]
+    resumed = train_steps(tmp_path, [*STEPS, f"backend={resumed_on}",
+                                     f"resume={base}/ref-{saved}/checkpoints/step_4"])  # fmt: skip
     assert [r["step"] for r in resumed] == [5]
     assert resumed[0]["world_size"] == 1 and ref[-1]["world_size"] == 2
     assert resumed[0]["accumulation_steps"] == 2 * ref[-1]["accumulation_steps"]

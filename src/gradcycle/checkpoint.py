@@ -24,7 +24,6 @@ global batch size, s) (data.GlobalBatches), and the LR schedule is a pure functi
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import random
@@ -37,9 +36,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
+from torch.distributed.checkpoint.api import CheckpointException
 
 from gradcycle.faults import Faults
-from gradcycle.safe_load import dcp_reader, weights_only_loads
+from gradcycle.safe_load import dcp_reader, unreadable_file, weights_only_loads
 from gradcycle.telemetry import CommCounter
 
 FORMAT_VERSION = 1
@@ -157,27 +157,6 @@ def check_files(step_dir: Path, meta: dict) -> None:
             raise ValueError(f"{metadata} is corrupt ({type(e).__name__}: {e})") from e
 
 
-def unreadable_file(state_dir: Path, fmt: str) -> Path | None:
-    """After a failed load: the first file whose records do not deserialise, else None."""
-    if fmt == "dcp":
-        for info in dcp_reader(state_dir).read_metadata().storage_data.values():
-            path = state_dir / info.relative_path
-            with open(path, "rb") as f:
-                f.seek(info.offset)
-                blob = f.read(info.length)
-            try:
-                torch.load(io.BytesIO(blob), weights_only=True)
-            except Exception:
-                return path
-        return None
-    for path in sorted(state_dir.rglob("*.pt")):
-        try:
-            torch.load(path, weights_only=True, map_location="cpu")
-        except Exception:
-            return path
-    return None
-
-
 def param_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
     """Full parameter shapes, whatever the sharding (DTensor: global shape; ZeRO-3: ds_shape)."""
     return {name: list(getattr(p, "ds_shape", None) or p.shape)
@@ -256,6 +235,7 @@ class Checkpointer:
                     f"run_dir={self.run_dir} already holds checkpoints and resume=none would "
                     "overwrite them: use resume=auto to continue that run, or a new run_dir"
                 )
+            self._supersede_metrics(0)  # a fresh start: earlier records are another timeline
             return None
         path = find_latest(self.root) if mode == "auto" else resolve(mode)
         if path is None:  # resume=auto with nothing saved yet: a fresh start
@@ -268,7 +248,7 @@ class Checkpointer:
         with comm.suspended(), weights_only_loads():
             try:
                 self.backend.load_state(path / "state")
-            except Exception as e:
+            except (Exception, CheckpointException) as e:  # DCP's is a BaseException
                 bad = unreadable_file(path / "state", meta["format"])
                 if bad is None:  # not the checkpoint's fault
                     raise
@@ -364,7 +344,8 @@ class Checkpointer:
         comm = CommCounter.instance()
         if main:
             self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(f"{TMP}*"):  # writes that died with an earlier run
+            # Writes and deletions that died with an earlier process of this run.
+            for stale in [*self.root.glob(f"{TMP}*"), *self.root.glob(f"{TRASH}*")]:
                 shutil.rmtree(stale, ignore_errors=True)
             (tmp / "rng").mkdir(parents=True)
         _barrier()

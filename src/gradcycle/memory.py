@@ -172,14 +172,26 @@ def model_states(setup: Setup) -> dict[str, float]:
         local = s.model_shard(setup.shard)
         return {"parameters": local * 4, "gradients": local * 4, "optimizer": local * k}
     stage = int(setup.backend[-1])
-    opt = 0.0 if setup.offload_optimizer else psi * (n.master + k) / w
-    grads = psi * n.grad / (w if stage >= 2 else 1)
-    params = psi * n.param
+    out = zero_model_states(psi, w, stage, n.master + k, n.param, n.grad)
+    if setup.offload_optimizer:
+        out["optimizer"] = 0.0
     if stage == 3:
         persistent = sum(r * c for r, c in _all_tensors(s) if r * c <= setup.persistence)
         params = 0.0 if setup.offload_param else (psi - persistent) * n.param / w
-        params += persistent * n.param
-    return {"parameters": params, "gradients": grads, "optimizer": opt}
+        out["parameters"] = params + persistent * n.param
+    return out
+
+
+def zero_model_states(psi: float, n_gpus: int, stage: int, k: float = 12, param_bytes: int = 2,
+                      grad_bytes: int = 2) -> dict[str, float]:  # fmt: skip
+    """The ZeRO paper's model states per GPU: Ψ parameters, K bytes of optimizer state per
+    parameter (12 for mixed-precision Adam: fp32 master, momentum, variance); stage 0 is plain
+    data parallelism."""
+    return {
+        "parameters": psi * param_bytes / (n_gpus if stage >= 3 else 1),
+        "gradients": psi * grad_bytes / (n_gpus if stage >= 2 else 1),
+        "optimizer": psi * k / (n_gpus if stage >= 1 else 1),
+    }
 
 
 def _all_tensors(s: Shape) -> list[tuple[int, int]]:

@@ -156,9 +156,19 @@ def _accepted(check, cfg, sync: str) -> bool:
     return True
 
 
-def global_batch(cfg, micro: int, world: int) -> int:
+def global_batch(cfg, world: int) -> int:
+    """The global batch every cut keeps: train.global_batch_size, or what the configured
+    micro-batch and accumulation give."""
     t = cfg.train
-    return t.global_batch_size if t.global_batch_size else micro * world * t.accumulation_steps
+    if t.global_batch_size:
+        return t.global_batch_size
+    if t.micro_batch_size == "auto":
+        raise ValueError(
+            "train.micro_batch_size=auto keeps the global batch fixed and needs "
+            f"train.global_batch_size (got train.accumulation_steps={t.accumulation_steps}): "
+            "set train.global_batch_size=<samples per step> train.accumulation_steps=null"
+        )
+    return int(t.micro_batch_size) * world * t.accumulation_steps
 
 
 def evaluate(cfg, shape: Shape, world: int, nodes: int, micro: int, sync: str,
@@ -169,7 +179,7 @@ def evaluate(cfg, shape: Shape, world: int, nodes: int, micro: int, sync: str,
     zero = _ds_zero(cfg)
     setup = Setup(
         shape=shape, seq=cfg.data.seq_len, micro=micro,
-        accumulation=max(1, global_batch(cfg, micro, world) // (micro * world)),
+        accumulation=max(1, global_batch(cfg, world) // (micro * world)),
         backend=b, world=world, shard=shard_size(cfg, b, world, nodes), precision=cfg.precision,
         sync=sync, checkpointed=tuple(checkpointed_layers(shape.layers, ac[0], ac[1])),
         optimizer=cfg.optim.name, momentum=cfg.optim.momentum,
@@ -194,19 +204,13 @@ def evaluate(cfg, shape: Shape, world: int, nodes: int, micro: int, sync: str,
 
 
 def micro_options(cfg, world: int) -> list[int]:
-    if cfg.train.micro_batch_size != "auto":
-        return [int(cfg.train.micro_batch_size)]
-    if not cfg.train.global_batch_size:
-        raise ValueError(
-            "train.micro_batch_size=auto keeps the global batch fixed and needs "
-            f"train.global_batch_size (got train.accumulation_steps={cfg.train.accumulation_steps})"
-            ": set train.global_batch_size=<samples per step> train.accumulation_steps=null"
-        )
-    per_rank, rem = divmod(cfg.train.global_batch_size, world)
+    """Every micro-batch that splits this rank's share of the global batch evenly."""
+    g = global_batch(cfg, world)
+    per_rank, rem = divmod(g, world)
     if rem or not per_rank:
         raise ValueError(
-            f"train.global_batch_size={cfg.train.global_batch_size} does not split over "
-            f"{world} data-parallel ranks: use a multiple of {world}"
+            f"global batch {g} does not split over {world} data-parallel ranks: set "
+            f"train.global_batch_size to a multiple of {world}"
         )
     return [d for d in range(1, per_rank + 1) if per_rank % d == 0]
 
@@ -255,27 +259,27 @@ def _fit_key(limit: float):
 
 
 def alternatives(cfg, shape, world, nodes, limit) -> list[tuple[str, Candidate]]:
-    """What would fit when nothing does: another backend, offload, or more nodes."""
+    """What would fit when nothing does: a sharding backend, host offload, the fewest nodes."""
     out = []
-    backends = [b for b in ("zero3", "fsdp") if b != cfg.backend.name]
-    for b in backends:
-        if (c := search(cfg, shape, world, nodes, AC_OPTIONS, limit, backend=b)) is not None:
-            out.append((f"backend={b}", c))
-    if cfg.backend.name != "zero3" or not cfg.backend.offload_optimizer:
-        off = copy.deepcopy(cfg)
-        off.backend.offload_optimizer = True
-        if (c := search(off, shape, world, nodes, AC_OPTIONS, limit, backend="zero3")) is not None:
-            out.append(("backend=zero3 backend.offload_optimizer=true (host memory, slower)", c))
-    per_node = max(1, world // nodes)
-    for factor in (2, 4, 8):
+    backends = list(dict.fromkeys([cfg.backend.name, "fsdp", "zero3"]))
+    for factor in (1, 2, 4, 8, 16):
         more = world * factor
         if cfg.train.global_batch_size and cfg.train.global_batch_size % more:
             continue
-        c = search(cfg, shape, more, nodes * factor, AC_OPTIONS, limit)
-        if c is not None:
-            out.append((f"nodes={nodes * factor} ({more} GPUs of {per_node} per node)", c))
+        for b in backends:
+            if factor == 1 and b == cfg.backend.name:
+                continue  # that is the recommendation itself
+            if (c := search(cfg, shape, more, nodes * factor, AC_OPTIONS, limit, b)) is not None:
+                where = f" nodes={nodes * factor} ({more} GPUs)" if factor > 1 else ""
+                out.append((f"backend={b}{where}", c))
+        if out:
             break
-    return out
+    if not any(what.startswith("backend=") and "nodes=" not in what for what, _ in out):
+        off = copy.deepcopy(cfg)
+        off.backend.offload_optimizer = True
+        if (c := search(off, shape, world, nodes, AC_OPTIONS, limit, "zero3")) is not None:
+            out.append(("backend=zero3 backend.offload_optimizer=true (host memory, slower)", c))
+    return out[:4]
 
 
 def warnings_for(plan: Plan, cand: Candidate | None) -> list[str]:
@@ -289,18 +293,27 @@ def warnings_for(plan: Plan, cand: Candidate | None) -> list[str]:
     per_micro_compute = t.compute_s / k
     if micro_comm > per_micro_compute:
         need = s.tokens * micro_comm / per_micro_compute
+        per_rank = s.micro * k
+        bigger = next((d for d in range(s.micro + 1, per_rank + 1)
+                       if per_rank % d == 0 and d * s.seq >= need), None)  # fmt: skip
+        remedies = [f"train.micro_batch_size={bigger}" if bigger else "a larger global batch"]
+        if s.backend in ("fsdp", "hsdp") and s.num.reduce == 4:
+            remedies.append("backend.reduce_dtype=bf16 (halves the reduce-scatter)")
+        remedies.append("sync=per_cycle where memory allows")
         out.append(
             f"{s.tokens} tokens per micro-batch are too few to hide communication on "
             f"{cfg.hardware.name}: each micro-batch's collectives take ~{micro_comm:.2f}s against "
-            f"~{per_micro_compute:.2f}s of compute; about {need:,.0f} tokens per micro-batch "
-            f"(train.micro_batch_size >= {-(-need // s.seq):.0f}, with activation checkpointing "
-            "if it does not fit) or sync=per_cycle where memory allows would hide them"
+            f"~{per_micro_compute:.2f}s of compute (about {need:,.0f} tokens would hide them); "
+            f"consider {', '.join(remedies)}"
         )
-    if cand.est.peak > 0.9 * plan.budget:
+    share = f"{cand.est.peak / GIB:.1f} GiB is {cand.est.peak / plan.budget:.0%} of the " \
+            f"{plan.budget / GIB:.1f} GiB per GPU on {cfg.hardware.name}"  # fmt: skip
+    if cand.est.peak > plan.budget:
+        out.append(f"predicted peak {share}: this run will not fit;{fixes(plan)}")
+    elif cand.est.peak > 0.9 * plan.budget:
         out.append(
-            f"predicted peak {cand.est.peak / GIB:.1f} GiB is {cand.est.peak / plan.budget:.0%} of "
-            f"the {plan.budget / GIB:.1f} GiB per GPU on {cfg.hardware.name}: fragmentation can "
-            "push it over; lower train.micro_batch_size or enable activation checkpointing"
+            f"predicted peak {share}: fragmentation can push it over; lower "
+            "train.micro_batch_size or enable activation checkpointing"
         )
     low_accum = s.num.grad == 2 and s.backend.startswith("zero")
     low_accum |= s.backend in ("fsdp", "hsdp") and s.sync == "per_cycle" and s.num.reduce == 2
@@ -314,75 +327,48 @@ def warnings_for(plan: Plan, cand: Candidate | None) -> list[str]:
     return out
 
 
-# ---------------------------------------------------------------- training integration
+# ---------------------------------------------------------------- explanations
 
 
-def resolve_auto(cfg, world: int, nodes: int | None = None):
-    """train.micro_batch_size=auto / backend.sync=auto -> concrete values (a copy of cfg). The
-    global batch stays; accumulation follows. Raises ValueError when auto finds nothing that fits.
-    A model the planner cannot size keeps sync=auto (each backend's own memory-free default)."""
-    mbs_auto, sync_auto = cfg.train.micro_batch_size == "auto", cfg.backend.sync == "auto"
-    if not (mbs_auto or sync_auto):
-        return cfg
-    try:
-        plan = make_plan(cfg, world, nodes)
-    except UnknownShape:
-        if mbs_auto:
-            raise
-        return cfg
-    chosen = plan.auto if mbs_auto else plan.configured
-    if chosen is None:
-        raise ValueError("train.micro_batch_size=auto: " + explain(plan))
-    cfg = copy.deepcopy(cfg)
-    cfg.train.micro_batch_size = chosen.micro
-    if sync_auto:
-        cfg.backend.sync = chosen.sync
-    return cfg
+def cut(c: Candidate) -> str:
+    """The overrides that select candidate `c`."""
+    ac = f"activation_checkpointing.mode={c.ac[0]}"
+    if c.ac[0] == "selective":
+        ac += f" activation_checkpointing.every={c.ac[1]}"
+    return f"train.micro_batch_size={c.micro} {ac} backend.sync={c.sync}"
 
 
-def explain(plan: Plan, failed_micro: int | None = None) -> str:
-    """One paragraph: why it does not fit and what would."""
+def explain(plan: Plan) -> str:
+    """One paragraph: why the configured cut does not fit and what would."""
     cfg = plan.cfg
-    head = f"at train.micro_batch_size={failed_micro} " if failed_micro else ""
-    text = (f"nothing {head}fits in {plan.budget / GIB:.1f} GiB per GPU ({cfg.hardware.name}, "
+    text = (f"nothing fits in {plan.budget / GIB:.1f} GiB per GPU ({cfg.hardware.name}, "
             f"{plan.world} GPUs, backend={cfg.backend.name}, activation_checkpointing.mode="
             f"{cfg.activation_checkpointing.mode}).")  # fmt: skip
     c = plan.configured or _smallest(plan)
-    if c is not None:
-        parts = ", ".join(f"{k} {v / GIB:.1f}" for k, v in c.est.breakdown.items())
-        text += f" At micro-batch {c.micro} the predicted peak is {c.est.peak / GIB:.1f} GiB " \
-                f"({parts} GiB)."  # fmt: skip
+    parts = ", ".join(f"{k} {v / GIB:.1f}" for k, v in c.est.breakdown.items())
+    text += (f" At micro-batch {c.micro} the predicted peak is {c.est.peak / GIB:.1f} GiB "
+             f"({parts} GiB).")  # fmt: skip
+    text += fixes(plan)
+    return text
+
+
+def fixes(plan: Plan) -> str:
+    """What fits instead, as overrides."""
+    text = ""
     if plan.recommended is not None:
         r = plan.recommended
-        text += (f" Fits: train.micro_batch_size={r.micro} activation_checkpointing.mode="
-                 f"{r.ac[0]} ({r.est.peak / GIB:.1f} GiB).")  # fmt: skip
+        text += f" Fits: {cut(r)} ({r.est.peak / GIB:.1f} GiB)."
     for what, alt in plan.alternatives:
-        text += (f" Fits: {what} activation_checkpointing.mode={alt.ac[0]} "
-                 f"train.micro_batch_size={alt.micro} ({alt.est.peak / GIB:.1f} GiB).")  # fmt: skip
+        text += f" Fits: {what} {cut(alt)} ({alt.est.peak / GIB:.1f} GiB)."
     if plan.recommended is None and not plan.alternatives:
         text += " Nothing tried fits: more nodes, a larger GPU or a smaller model is needed."
     return text
 
 
-def _smallest(plan: Plan) -> Candidate | None:
+def _smallest(plan: Plan) -> Candidate:
     world, nodes = plan.world, plan.nodes
     sync = sync_options(plan.cfg, plan.cfg.backend.name, world)[0]
     return evaluate(plan.cfg, plan.shape, world, nodes, 1, sync, _configured_ac(plan.cfg))
-
-
-def startup_lines(cfg, world: int, nodes: int | None, vocab: int | None) -> list[str]:
-    """The planner's summary and warnings, printed by rank 0 before the first step."""
-    try:
-        plan = make_plan(cfg, world, nodes, vocab)
-    except UnknownShape:
-        return []
-    c = plan.configured
-    if c is None:
-        return []
-    lines = [f"plan: predicted peak {c.est.peak / GIB:.2f} GiB per GPU of "
-             f"{plan.budget / GIB:.1f} GiB ({cfg.hardware.name}; at {c.est.phase}); expected "
-             f"{c.time.tokens_per_s:,.0f} tokens/s at {cfg.plan.mfu:.0%} of peak FLOP/s"]  # fmt: skip
-    return lines + [f"plan warning: {w}" for w in plan.warnings]
 
 
 def main(argv: list[str] | None = None) -> int:

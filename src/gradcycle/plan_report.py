@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from gradcycle.costs import flops_per_token
 from gradcycle.memory import GIB
-from gradcycle.plan import Candidate, Plan, explain
+from gradcycle.plan import Candidate, Plan, cut, explain
 
 WHEN = {"micro": "every micro-batch", "cycle": "once per cycle", "step": "after the step"}
 
@@ -76,11 +76,7 @@ def _gib(x: float) -> str:
 
 
 def _describe(c: Candidate) -> str:
-    ac = (
-        c.ac[0] if c.ac[0] != "selective" else f"selective activation_checkpointing.every={c.ac[1]}"
-    )
-    return (f"train.micro_batch_size={c.micro} (K={c.setup.accumulation}) backend.sync={c.sync} "
-            f"activation_checkpointing.mode={ac}")  # fmt: skip
+    return f"{cut(c)} (K={c.setup.accumulation})"
 
 
 def render_text(plan: Plan) -> str:
@@ -147,4 +143,5 @@ def _collectives(plan: Plan, run: Candidate) -> list[str]:
 
 
 def _warnings(plan: Plan) -> list[str]:
-    return [f"warning: {w}" for w in plan.warnings]
+    # "will not fit" repeats the verdict and the fixes the report already shows
+    return [f"warning: {w}" for w in plan.warnings if "will not fit" not in w]

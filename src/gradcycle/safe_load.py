@@ -19,6 +19,7 @@ import pathlib
 import pickle
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
@@ -110,6 +111,27 @@ def _deepspeed_safe_globals() -> list:
             continue
         found += [getattr(mod, n) for n in names if hasattr(mod, n)]
     return found
+
+
+def unreadable_file(state_dir: Path, fmt: str) -> Path | None:
+    """After a failed load: the first file whose records do not deserialise, else None."""
+    if fmt == "dcp":
+        for info in dcp_reader(state_dir).read_metadata().storage_data.values():
+            path = state_dir / info.relative_path
+            with open(path, "rb") as f:
+                f.seek(info.offset)
+                blob = f.read(info.length)
+            try:
+                torch.load(io.BytesIO(blob), weights_only=True)
+            except Exception:
+                return path
+        return None
+    for path in sorted(state_dir.rglob("*.pt")):
+        try:
+            torch.load(path, weights_only=True, map_location="cpu")
+        except Exception:
+            return path
+    return None
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from gradcycle import checkpoint, distributed
+from gradcycle import checkpoint, distributed, plan_auto
 from gradcycle.backends import build_backend
 from gradcycle.batching import BatchPlan, lr_at, plan_from_config
 from gradcycle.config import validate
@@ -94,6 +94,19 @@ def run(cfg) -> dict:
     """Train according to `cfg` (a composed config). Returns the last step's record."""
     validate(cfg)  # every user error before anything starts or is written
     env = distributed.read_env()
+    nodes = plan_auto.nodes_from_env(cfg)
+    # train.micro_batch_size=auto / backend.sync=auto: the planner's choice, global batch kept
+    cfg = plan_auto.resolve_auto(cfg, env.world_size, nodes)
+    for attempt in range(plan_auto.MAX_OOM_RETRIES + 1):
+        try:
+            return _run(cfg, env, nodes)
+        except plan_auto.FirstStepOOM as oom:
+            failed = oom.detached()  # retried below, once this attempt's tensors are freed
+        cfg = plan_auto.after_oom(cfg, env.world_size, nodes, failed, attempt)
+    raise AssertionError("after_oom raises on the last attempt")
+
+
+def _run(cfg, env, nodes: int) -> dict:
     plan = plan_from_config(cfg, env.world_size)
     corpus = load_corpus(cfg.data, cfg.model)  # every rank, file-locked cache: data errors here
     train_set, val_set = split_corpus(corpus, cfg.data)
@@ -130,6 +143,8 @@ def run(cfg) -> dict:
             )
         )
         print(f"model: {n_params / 1e6:.2f}M parameters, run dir: {run_dir}", flush=True)
+        for line in plan_auto.startup_lines(cfg, env.world_size, nodes, vocab):
+            print(line, flush=True)
         cfg_path = run_dir / "config.yaml"
         if not cfg_path.exists():
             OmegaConf.save(cfg, cfg_path, resolve=True)
@@ -146,6 +161,7 @@ def run(cfg) -> dict:
     progress = _progress(cfg, env, state.step)
     stop = StopSignal.install()
     record: dict = {}
+    first_step = state.step
     try:
         while state.step < cfg.train.max_steps:
             profiler.start(state.step + 1)  # a no-op unless profile=true chose this step
@@ -166,9 +182,10 @@ def run(cfg) -> dict:
                     with profiler.region("forward_backward"):
                         losses.append(backend.forward_backward(batch, loss_fn, last=last))
             lr = lr_at(step, plan, cfg.optim.schedule, cfg.train.max_steps, cfg.optim.min_lr_ratio)
-            with comm.suspended():  # stop votes ride along: every rank stops at the same boundary
-                stats = distributed.all_reduce_tensor([torch.stack(losses).sum(), *stop.votes()],
-                                                      device)  # fmt: skip
+            # Stop votes ride along (no extra collective): every rank stops at the same boundary.
+            votes = [_to_device(v, device) for v in stop.votes()]
+            with comm.suspended():
+                stats = distributed.all_reduce_tensor([torch.stack(losses).sum(), *votes], device)
             with profiler.region("optimizer_step"):
                 result = backend.step(lr, torch.cat([stats, n_tokens]))  # the step's one host sync
             comm_counts = comm.take()
@@ -212,6 +229,10 @@ def run(cfg) -> dict:
                 if requeue_votes > 0 and env.is_main and state.step < cfg.train.max_steps:
                     requeue_under_slurm()
                 break
+    except torch.OutOfMemoryError as e:
+        if state.step != first_step:
+            raise
+        raise plan_auto.FirstStepOOM(plan.micro_batch_size, str(run_dir), str(e)) from None
     finally:
         progress.close()
         sink.close()
