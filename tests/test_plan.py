@@ -183,7 +183,7 @@ def test_warnings():
     tight = make_plan(compose(["experiment=llama-13b-1node", "train.micro_batch_size=8"]))
     assert any("% of the" in w for w in tight.warnings)
     bf16 = make_plan(compose(["experiment=llama-7b-1node", "backend=zero3", "backend.sync=auto"]))
-    assert any("16 bits over K=256" in w for w in bf16.warnings)
+    assert any("bf16 over K=256" in w for w in bf16.warnings)
     assert not make_plan(compose(["experiment=llama-7b-1node"])).warnings
 
 

@@ -17,8 +17,9 @@ Pure arithmetic (no torch): the planner (`gradcycle.plan`) turns a config into a
 - temporaries: unsharded units (FSDP2) or gathered modules (ZeRO-3), DDP's gradient buckets,
   DeepSpeed's reduce buckets, autocast's bf16 weight copies, the foreach AdamW step's sqrt buffer.
 
-The peak is the largest of four moments: end of forward, start of backward, end of backward and
-the optimizer step. Validated against measured CPU peaks in bench/memory_check.py.
+The peak is the largest of five moments: end of forward, start of backward (the loss), the top
+layer's backward, end of backward and the optimizer step. Checked against measured CPU peaks in
+bench/memory_check.py.
 """
 
 from __future__ import annotations
@@ -254,10 +255,6 @@ def activations(setup: Setup) -> dict[str, float]:
 # ---------------------------------------------------------------- buffers and temporaries
 
 
-def _largest_tensor(s: Shape) -> int:
-    return max(r * c for r, c in _all_tensors(s))
-
-
 def temporaries(setup: Setup) -> dict[str, float]:
     """Buffers that are neither model states nor activations, at each moment of a step:
     forward end, loss backward, top layer's backward, backward end, optimizer step; `static`
@@ -301,13 +298,11 @@ def temporaries(setup: Setup) -> dict[str, float]:
         out["static"] = bucket  # allocated at start-up and kept
         persistent = sum(r * c for r, c in _all_tensors(s) if r * c <= setup.persistence)
         gathered = psi - persistent
-        # Gathered modules are released by reuse distance: with recomputation in backward they
-        # are reused soon and stay gathered up to stage3_max_live_parameters; otherwise about
-        # one module plus the prefetch bucket is live (observed on CPU, bench/memory_check.py).
-        if setup.checkpointed:
-            live = min(setup.max_live, gathered)
-        else:
-            live = min(_largest_tensor(s) + setup.prefetch_bucket, gathered)
+        # Gathered modules are released by reuse distance (stage3_max_reuse_distance): below it
+        # they stay gathered, up to stage3_max_live_parameters. Counted at that bound: measured
+        # on CPU the live set ranged from a module or two to most of the model
+        # (bench/memory_check.py).
+        live = min(setup.max_live, gathered)
         live = 0.0 if setup.offload_param else n.param * live
         for moment in ("forward", "loss", "layer", "end"):
             out[moment] = live
@@ -350,7 +345,7 @@ def estimate(setup: Setup) -> Estimate:
         },
         "backward (top layer)": {
             "activations": act["saved"],
-            "recompute": act["recompute"],
+            "layer backward (recomputed layer)": act["recompute"],
             unsharded: tmp["layer"],
             **held,
         },

@@ -4,10 +4,8 @@ Reads the same Hydra config as train.py (plus `hardware=`, `nodes=`, `gpus_per_n
 per GPU, the memory of the configured run by component, the collectives per optimizer step and the
 expected tokens/s, then recommends micro-batch, accumulation, sync policy and activation
 checkpointing for the configured global batch (or says what would fit). `plan.format=json`
-prints the same as one JSON object. The formulas live in memory.py and costs.py.
-
-The trainer uses `resolve_auto` for train.micro_batch_size=auto / backend.sync=auto (the global
-batch is kept; accumulation follows) and `startup_lines` for the warnings every run prints.
+prints the same as one JSON object. Formulas: memory.py, costs.py; output: plan_report.py; use in
+training runs (auto, start-up warnings, out-of-memory retry): plan_auto.py.
 """
 
 from __future__ import annotations
@@ -37,13 +35,8 @@ class Candidate:
     time: StepTime
     ac: tuple[str, int]
 
-    @property
-    def micro(self) -> int:
-        return self.setup.micro
-
-    @property
-    def sync(self) -> str:
-        return self.setup.sync
+    micro = property(lambda self: self.setup.micro)
+    sync = property(lambda self: self.setup.sync)
 
     def key(self) -> tuple:
         """Fastest first; then the largest micro-batch, least recompute, least memory, bytes."""
@@ -121,13 +114,10 @@ def budget_bytes(cfg) -> float:
 
 
 def _ds_zero(cfg) -> dict:
-    extra = cfg.backend.deepspeed_config
-    try:
-        from omegaconf import OmegaConf
+    from omegaconf import OmegaConf
 
-        extra = OmegaConf.to_container(extra, resolve=True) if OmegaConf.is_config(extra) else extra
-    except ImportError:  # pragma: no cover
-        pass
+    extra = cfg.backend.deepspeed_config
+    extra = OmegaConf.to_container(extra, resolve=True) if OmegaConf.is_config(extra) else extra
     return dict((extra or {}).get("zero_optimization") or {})
 
 
@@ -235,22 +225,30 @@ def _configured_ac(cfg) -> tuple[str, int]:
 # ---------------------------------------------------------------- the plan
 
 
-def make_plan(cfg, world: int | None = None, nodes: int | None = None, vocab=None) -> Plan:
+def make_plan(cfg, world: int | None = None, nodes: int | None = None, vocab=None,
+              searches: bool = True) -> Plan:  # fmt: skip
+    """The configured run, what `auto` picks, the recommendation; `searches=False`: the first."""
     world, nodes, _ = topology(cfg, world, nodes)
     shape = shape_from_config(cfg, vocab)
     budget = budget_bytes(cfg)
     limit = cfg.plan.headroom * budget
-    configured = None
-    if cfg.train.micro_batch_size != "auto":
+    configured = auto = recommended = None
+    fixed = cfg.train.micro_batch_size != "auto"
+    if fixed:
         sync = sync_options(cfg, cfg.backend.name, world)
         configured = min((evaluate(cfg, shape, world, nodes, int(cfg.train.micro_batch_size), s,
                                    _configured_ac(cfg)) for s in sync), key=_fit_key(limit))  # fmt: skip
-    auto = search(cfg, shape, world, nodes, [_configured_ac(cfg)], limit)
-    recommended = search(cfg, shape, world, nodes, AC_OPTIONS, limit)
     plan = Plan(cfg, shape, world, nodes, budget, configured, auto, recommended)
-    if recommended is None:
-        plan.alternatives = alternatives(cfg, shape, world, nodes, limit)
-    plan.warnings = warnings_for(plan, configured or auto)
+    if searches or not fixed:
+        try:
+            plan.auto = search(cfg, shape, world, nodes, [_configured_ac(cfg)], limit)
+            plan.recommended = search(cfg, shape, world, nodes, AC_OPTIONS, limit)
+            if plan.recommended is None:
+                plan.alternatives = alternatives(cfg, shape, world, nodes, limit)
+        except ValueError:  # a batch that does not split: batching.plan_batch says how to fix it
+            if not fixed:
+                raise
+    plan.warnings = warnings_for(plan, configured or plan.auto)
     return plan
 
 
@@ -315,14 +313,20 @@ def warnings_for(plan: Plan, cand: Candidate | None) -> list[str]:
             f"predicted peak {share}: fragmentation can push it over; lower "
             "train.micro_batch_size or enable activation checkpointing"
         )
-    low_accum = s.num.grad == 2 and s.backend.startswith("zero")
-    low_accum |= s.backend in ("fsdp", "hsdp") and s.sync == "per_cycle" and s.num.reduce == 2
-    if low_accum and k >= MANY_MICRO_BATCHES:
+    if k >= MANY_MICRO_BATCHES and s.num.grad == 2 and s.backend.startswith("zero"):
         out.append(
-            f"gradients accumulate in 16 bits over K={k} micro-batches: each addition rounds to "
-            "bf16's 8 significant bits. Prefer fewer, larger micro-batches, fp32 accumulation "
-            "(backend.deepspeed_config.data_types.grad_accum_dtype=fp32 on zero1, "
-            "backend.reduce_dtype=fp32 on fsdp/hsdp) or sync=per_micro"
+            f"gradients accumulate in bf16 over K={k} micro-batches (DeepSpeed's bf16 ZeRO keeps "
+            "its gradients in the parameter dtype), each addition rounding to 8 significant "
+            "bits: prefer fewer, larger micro-batches, or fp32 accumulation where DeepSpeed "
+            "supports it (backend.deepspeed_config.data_types.grad_accum_dtype=fp32); fsdp keeps "
+            "fp32 gradient shards"
+        )
+    if (k >= MANY_MICRO_BATCHES and s.backend in ("fsdp", "hsdp") and s.sync == "per_cycle"
+            and s.num.reduce == 2):  # fmt: skip
+        out.append(
+            f"unsharded gradients accumulate in bf16 over K={k} micro-batches "
+            "(backend.reduce_dtype=bf16 with sync=per_cycle): backend.reduce_dtype=fp32 "
+            "accumulates them in fp32"
         )
     return out
 

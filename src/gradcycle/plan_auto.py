@@ -78,7 +78,7 @@ def resolve_auto(cfg, world: int, nodes: int | None = None):
     if not (mbs_auto or sync_auto):
         return cfg
     try:
-        plan = make_plan(with_device_memory(cfg), world, nodes)
+        plan = make_plan(with_device_memory(cfg), world, nodes, searches=mbs_auto)
     except UnknownShape:
         if mbs_auto:
             raise

@@ -100,7 +100,7 @@ def render_text(plan: Plan) -> str:
     label = "configured" if plan.configured is not None else "auto"
     verdict = "fits" if run.est.peak <= plan.budget else "DOES NOT FIT"
     lines += ["", f"{label}: {_describe(run)}",
-              f"memory per GPU at the peak ({run.est.phase}){'':<14} GiB"]  # fmt: skip
+              f"{'memory per GPU at its peak: ' + run.est.phase:<46}{'GiB':>8}"]  # fmt: skip
     for name, value in run.est.breakdown.items():
         lines.append(f"  {name:<44}{_gib(value)}")
     lines.append(f"  {'total':<44}{_gib(run.est.peak)}  of {plan.budget / GIB:.1f} usable "
