@@ -167,7 +167,11 @@ _ACCELERATOR = {}
 def run_accelerate(w: Workload, n: int, rank: int, world: int, backend: str):
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, FullyShardedDataParallelPlugin
+    from accelerate.utils import (
+        DistributedDataParallelKwargs,
+        DistributedType,
+        FullyShardedDataParallelPlugin,
+    )
 
     k = w.plan.accumulation_steps
     if backend not in _ACCELERATOR:  # one Accelerator per process: its state is a singleton
@@ -181,6 +185,10 @@ def run_accelerate(w: Workload, n: int, rank: int, world: int, backend: str):
             )  # fmt: skip
         _ACCELERATOR[backend] = Accelerator(**kw)
     acc = _ACCELERATOR[backend]
+    if world > 1 and backend == "fsdp" and acc.distributed_type != DistributedType.FSDP:
+        # accelerate enables FSDP only on accelerator devices; on CPU it runs DDP instead, which
+        # is not the same work: report it rather than time it.
+        raise RuntimeError(f"accelerate runs {acc.distributed_type.value} here, not FSDP")
     model = w.model()
     model, opt = acc.prepare(model, w.optimizer(model.parameters()))
     batches, clip, ends, first = w.batches(), w.cfg.train.grad_clip, [], None

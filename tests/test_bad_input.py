@@ -40,8 +40,14 @@ CASES = [
     (["foo=1"], ["foo"]),
     (["train.max_steps=abc"], ["train.max_steps", "abc"]),
     (["optim.lr=-0.1"], ["optim.lr=-0.1", "> 0"]),
-    (["train.global_batch_size=16", "train.micro_batch_size=32"], ["micro_batch_size=32", "larger"]),
-    (["train.global_batch_size=30", "train.micro_batch_size=4"], ["global_batch_size=30", "28 or 32"]),
+    (
+        ["train.global_batch_size=16", "train.micro_batch_size=32"],
+        ["micro_batch_size=32", "larger"],
+    ),
+    (
+        ["train.global_batch_size=30", "train.micro_batch_size=4"],
+        ["global_batch_size=30", "28 or 32"],
+    ),
     (["data.seq_len=1"], ["data.seq_len=1", ">= 2"]),
     (["backend=megatron"], ["backend", "megatron"]),
     (["backend.name=megatron"], ["backend.name='megatron'", "ddp"]),
@@ -72,7 +78,11 @@ def test_config_errors(overrides, words, run_dir, capsys):
     "name, content, words",
     [
         ("empty.jsonl", b"", ["empty.jsonl", "is empty"]),
-        ("docs.jsonl", b'{"content": "def f(): pass"}\n' * 3, ["data.text_field='text'", "content"]),
+        (
+            "docs.jsonl",
+            b'{"content": "def f(): pass"}\n' * 3,
+            ["data.text_field='text'", "content"],
+        ),
         ("latin1.txt", "caf\xe9 au lait".encode("latin-1") * 5, ["latin1.txt", "not valid UTF-8"]),
         ("notes.md", b"# hi\n", ["notes.md", ".jsonl/.json/.parquet/.txt"]),
     ],

@@ -36,7 +36,15 @@ def test_groups_are_the_documented_ones():
     backends = {p.stem for p in (ROOT / "conf/backend").glob("*.yaml")}
     assert backends == {"ddp", "zero1", "zero2", "zero3", "fsdp", "hsdp"}
     models = {p.stem for p in (ROOT / "conf/model").glob("*.yaml")}
-    assert {"tiny", "small", "llama-1b", "llama-7b", "llama-13b", "llama-34b", "llama-70b"} <= models
+    assert {
+        "tiny",
+        "small",
+        "llama-1b",
+        "llama-7b",
+        "llama-13b",
+        "llama-34b",
+        "llama-70b",
+    } <= models
 
 
 def test_defaults_are_the_cpu_default_run():

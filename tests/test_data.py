@@ -10,7 +10,14 @@ import pytest
 import torch
 from conftest import TINY, compose, train_steps
 
-from gradcycle.data import IGNORE_INDEX, collate, load_corpus, load_texts, split_corpus, stdlib_files
+from gradcycle.data import (
+    IGNORE_INDEX,
+    collate,
+    load_corpus,
+    load_texts,
+    split_corpus,
+    stdlib_files,
+)
 
 DOCS = [f"def f{i}():\n    return {i} * {'x' * (i % 17)!r}\n" * (1 + i % 5) for i in range(60)]
 
@@ -34,7 +41,9 @@ def test_files_group_reads_every_format(tmp_path, fmt):
     if fmt in ("jsonl", "folder", "glob"):
         for part in range(2):
             rows = DOCS[part * 30 : (part + 1) * 30]
-            (d / f"part{part}.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in rows))
+            (d / f"part{part}.jsonl").write_text(
+                "".join(json.dumps({"body": t}) + "\n" for t in rows)
+            )
         path = {"jsonl": d / "part0.jsonl", "folder": d, "glob": d / "part*.jsonl"}[fmt]
         expected = 30 if fmt == "jsonl" else 60
     elif fmt == "json":
