@@ -26,18 +26,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 import re
 import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.distributed.checkpoint.api import CheckpointException
 
+from gradcycle import distributed
 from gradcycle.faults import Faults
 from gradcycle.safe_load import dcp_reader, unreadable_file, weights_only_loads
 from gradcycle.telemetry import CommCounter
@@ -163,29 +162,6 @@ def param_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
             for name, p in module.named_parameters()}  # fmt: skip
 
 
-# ---------------------------------------------------------------- RNG states
-
-
-def rng_state() -> dict:
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-        "python": random.getstate(),
-    }
-
-
-def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    name, keys, pos, has_gauss, gauss = s["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss_next = s["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-
-
 def _fsync_write(path: Path, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
@@ -258,7 +234,7 @@ class Checkpointer:
                 ) from e
             rng_file = path / "rng" / f"rank_{self.rank}.pt"
             if rng_file.is_file():  # absent when resuming on more ranks than were saved
-                set_rng_state(torch.load(rng_file, weights_only=True))
+                distributed.set_rng_state(torch.load(rng_file, weights_only=True))
         comm.take()  # the load's collectives belong to no training step
         for key, value in meta["state"].items():
             if hasattr(state, key):
@@ -351,7 +327,7 @@ class Checkpointer:
         _barrier()
         with comm.suspended():
             self.backend.save_state(tmp / "state")
-            torch.save(rng_state(), tmp / "rng" / f"rank_{self.rank}.pt")
+            torch.save(distributed.rng_state(), tmp / "rng" / f"rank_{self.rank}.pt")
             _barrier()  # every rank's shards are on disk
         self.faults.in_save(state.step)
         if main:

@@ -11,7 +11,8 @@ metrics record a `profile` entry splitting the step's wall time into
 
 plus comm_busy_s (all time with a collective in flight, overlapped or not) and alloc_peak_bytes
 (the most bytes the step had allocated above what was live when it began: activations, gradients,
-optimizer temporaries; on CPU, where peak RSS only grows, this is the honest per-step number).
+optimizer temporaries; on CPU, where peak RSS only grows, this is the honest per-step number. The
+profiler does not see frees of blocks allocated before it started, so it is an upper bound).
 On CUDA the regions synchronise the device at their end while profiling, so host ranges are device
 time; unprofiled steps are untouched.
 """
