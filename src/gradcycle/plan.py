@@ -3,9 +3,8 @@
 Reads the same Hydra config as train.py (plus `hardware=`, `nodes=`, `gpus_per_node=`) and prints,
 per GPU, the memory of the configured run by component, the collectives per optimizer step and the
 expected tokens/s, then recommends micro-batch, accumulation, sync policy and activation
-checkpointing for the configured global batch (or says what would fit). `plan.format=json`
-prints the same as one JSON object. Formulas: memory.py, costs.py; output: plan_report.py; use in
-training runs (auto, start-up warnings, out-of-memory retry): plan_auto.py.
+checkpointing for the configured global batch (or says what would fit); `plan.format=json` as one
+JSON object. Formulas: memory.py, costs.py; output: plan_report.py; training-run use: plan_auto.py.
 """
 
 from __future__ import annotations
