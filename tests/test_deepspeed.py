@@ -11,11 +11,13 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import TINY, compose, rank_train, train_steps
+from conftest import RAGGED, TINY, compose, rank_train, train_steps
 from multiproc import run_on_ranks
 
 WORLD, MICRO, STEPS = 2, 2, 3
-SGD = ["optim=sgd", "data.packing=false", f"train.max_steps={STEPS}", "checkpoint.at_end=false"]
+# Ragged documents (one per sample, lengths varying > 10x); the vocabulary pinned for the table.
+SGD = ["optim=sgd", *RAGGED, "model.vocab_size=512", f"train.max_steps={STEPS}",
+       "checkpoint.at_end=false"]  # fmt: skip
 # ZeRO-3 gathering every parameter-holding module on its own, in forward and again in backward:
 # nothing persistent, no prefetch bucket merging modules, nothing kept from forward to backward.
 Z3_PER_MODULE = [
