@@ -54,8 +54,8 @@ def run_case(overrides: list[str], device, steps: int) -> tuple[int | None, obje
     from gradcycle.batching import plan_from_config
     from gradcycle.cli import compose
     from gradcycle.model import apply_activation_checkpointing, build_model
-    from gradcycle.plan import make_plan
-    from gradcycle.plan_auto import resolve_auto, with_device_memory
+    from gradcycle.planner.auto import resolve_auto, with_device_memory
+    from gradcycle.planner.plan import make_plan
     from gradcycle.trainer import token_loss
 
     over = [*COMMON, *overrides, f"device={device.type}"]

@@ -94,11 +94,13 @@ def measure(rank: int, world: int, cases: list[tuple[str, list[str]]], steps: in
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from gradcycle import distributed, plan, plan_auto
+    from gradcycle import distributed
     from gradcycle.backends import build_backend
     from gradcycle.batching import plan_from_config
     from gradcycle.cli import compose
     from gradcycle.model import apply_activation_checkpointing, build_model
+    from gradcycle.planner import auto as plan_auto
+    from gradcycle.planner import plan
     from gradcycle.telemetry import CommCounter
     from gradcycle.trainer import token_loss
 

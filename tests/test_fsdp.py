@@ -14,7 +14,7 @@ import torch
 from conftest import RAGGED, TINY, compose, rank_train, train_steps
 from multiproc import run_on_ranks
 
-from gradcycle.backends.fsdp import mesh_shape, mp_policy, nodes_from_env, resolve_sync, shard_model
+from gradcycle.backends.fsdp import hsdp_nodes, mesh_shape, mp_policy, resolve_sync, shard_model
 from gradcycle.model import build_model, decoder_layers
 
 STEPS = [*RAGGED, "train.global_batch_size=8", "train.max_steps=3", "checkpoint.at_end=false"]
@@ -351,9 +351,9 @@ def test_hsdp_mesh_shape_errors_name_the_numbers():
     with pytest.raises(ValueError, match=r"world size 6 .*node count 4"):
         mesh_shape("hsdp", 6, None, 4)
     with pytest.raises(ValueError, match=r"WORLD_SIZE=6 .*LOCAL_WORLD_SIZE=4"):
-        nodes_from_env({"WORLD_SIZE": "6", "LOCAL_WORLD_SIZE": "4"})
-    assert nodes_from_env({"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}) == 2
-    assert nodes_from_env({"SLURM_NNODES": "3"}) == 3
+        hsdp_nodes({"WORLD_SIZE": "6", "LOCAL_WORLD_SIZE": "4"})
+    assert hsdp_nodes({"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}) == 2
+    assert hsdp_nodes({"SLURM_NNODES": "3"}) == 3
 
 
 def test_auto_is_per_micro_and_bf16_reduces_in_fp32():

@@ -17,7 +17,7 @@ PRESETS = ["llama-7b-1node", "llama-13b-1node", "llama-34b-4node", "llama-70b-8n
 
 
 def _setup(**kw):
-    from gradcycle.memory import Setup, Shape
+    from gradcycle.planner.memory import Setup, Shape
 
     shape = kw.pop("shape", Shape(32000, 4096, 32, 32, 32, 11008))
     base = dict(shape=shape, seq=2048, micro=1, accumulation=4, backend="fsdp", world=8, shard=8,
@@ -30,7 +30,7 @@ def _setup(**kw):
 
 def test_zero_paper_model_states():
     """ZeRO paper, Fig. 1: Ψ = 7.5B, N = 64 GPUs, K = 12 -> 120, 31.4, 16.6, 1.9 GB."""
-    from gradcycle.memory import zero_model_states
+    from gradcycle.planner.memory import zero_model_states
 
     got = [sum(zero_model_states(7.5e9, 64, stage).values()) / 1e9 for stage in range(4)]
     assert [round(g, 1) for g in got] == [120.0, 31.4, 16.6, 1.9]
@@ -39,7 +39,7 @@ def test_zero_paper_model_states():
 def test_backend_model_states_follow_the_paper():
     """The deepspeed backends with bf16 and Adam are the paper's formulas with Ψ from the shapes;
     fsdp keeps fp32 shards of everything (16 B/param over the shards)."""
-    from gradcycle.memory import model_states, zero_model_states
+    from gradcycle.planner.memory import model_states, zero_model_states
 
     for stage in (1, 2, 3):
         s = _setup(backend=f"zero{stage}", persistence=0)
@@ -53,7 +53,7 @@ def test_backend_model_states_follow_the_paper():
 
 def test_parameter_counts_of_the_llama_shapes():
     """N from conf/model shapes equals the published Llama-2 counts."""
-    from gradcycle.plan import shape_from_config
+    from gradcycle.planner.plan import shape_from_config
 
     counts = {"llama-7b": 6_738_415_616, "llama-13b": 13_015_864_320,
               "llama-70b": 68_976_648_192}  # fmt: skip
@@ -62,7 +62,7 @@ def test_parameter_counts_of_the_llama_shapes():
 
 
 def test_fsdp_padding_per_parameter():
-    from gradcycle.memory import Shape
+    from gradcycle.planner.memory import Shape
 
     s = Shape(vocab=10, hidden=4, layers=1, heads=2, kv_heads=2, intermediate=6)
     # 10 rows over 3 shards -> 4 rows each on rank 0; hidden-size tensors 4 -> 2 rows
@@ -75,7 +75,7 @@ def test_activation_bytes_by_hand():
     """Llama-7B layer, bf16 FSDP (bf16 residual): RMSNorm 4+2, one matmul input 2, q k v, SDPA
     output and its transpose 5 x 2 = 18 per hidden element for attention; MLP 6 + 2 + 4 x 2 x
     I/h = 29.5; plus SDPA's fp32 log-sum-exp per head. Full recompute keeps 2·s·b·h per layer."""
-    from gradcycle.memory import activations, layer_activation_bytes, numerics
+    from gradcycle.planner.memory import activations, layer_activation_bytes, numerics
 
     s = _setup(micro=2)
     per_token = layer_activation_bytes(s.shape, numerics("fsdp", "bf16"))
@@ -89,7 +89,7 @@ def test_activation_bytes_by_hand():
 
 
 def test_collectives_per_step():
-    from gradcycle.costs import collectives
+    from gradcycle.planner.costs import collectives
 
     s = _setup(accumulation=4)
     psi = s.shape.n_params
@@ -107,7 +107,7 @@ def test_collectives_per_step():
 
 
 def _plan_json(overrides: list[str]) -> dict:
-    from gradcycle.plan import main
+    from gradcycle.planner.plan import main
 
     out = io.StringIO()
     with redirect_stdout(out):
@@ -118,7 +118,7 @@ def _plan_json(overrides: list[str]) -> dict:
 def test_presets_compose_build_on_meta_and_fit():
     from gradcycle.config import validate
     from gradcycle.model import build_model, count_params
-    from gradcycle.plan import make_plan
+    from gradcycle.planner.plan import make_plan
 
     for name in PRESETS:
         cfg = compose([f"experiment={name}"])
@@ -140,7 +140,7 @@ def test_presets_compose_build_on_meta_and_fit():
 
 def test_auto_keeps_the_global_batch():
     from gradcycle.batching import plan_from_config
-    from gradcycle.plan_auto import resolve_auto
+    from gradcycle.planner.auto import resolve_auto
 
     base = ["model=llama-13b", "hardware=a100-40gb", "backend=fsdp", "precision=bf16",
             "data.seq_len=2048", "train.global_batch_size=2048", "train.micro_batch_size=auto",
@@ -163,7 +163,7 @@ def test_auto_trains_with_the_same_global_batch(tmp_path):
 
 
 def test_nothing_fits_says_what_would():
-    from gradcycle.plan_auto import resolve_auto
+    from gradcycle.planner.auto import resolve_auto
 
     over = ["model=llama-70b", "hardware=a100-40gb", "backend=ddp", "precision=bf16",
             "data.seq_len=2048", "train.global_batch_size=512", "nodes=1"]  # fmt: skip
@@ -176,7 +176,7 @@ def test_nothing_fits_says_what_would():
 
 
 def test_warnings():
-    from gradcycle.plan import make_plan
+    from gradcycle.planner.plan import make_plan
 
     comm = make_plan(compose(["experiment=llama-70b-8node", "backend.reduce_dtype=fp32"]))
     assert any("too few to hide communication" in w for w in comm.warnings)
@@ -188,7 +188,7 @@ def test_warnings():
 
 
 def test_cli_text_report():
-    from gradcycle.plan import main
+    from gradcycle.planner.plan import main
 
     out = io.StringIO()
     with redirect_stdout(out):
@@ -225,7 +225,7 @@ def test_first_step_oom_halves_the_micro_batch(tmp_path, monkeypatch):
 
 
 def test_oom_without_a_smaller_micro_batch_explains(tmp_path, monkeypatch):
-    from gradcycle.plan_auto import MemoryPlanError
+    from gradcycle.planner.auto import MemoryPlanError
 
     _oom_above(monkeypatch, 0)
     with pytest.raises(MemoryPlanError, match="micro_batch_size=1.*planner predicted"):

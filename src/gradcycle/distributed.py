@@ -52,6 +52,18 @@ class DistEnv:
         return max(1, self.world_size // max(1, self.local_world_size))
 
 
+def nodes_from_env(env=None) -> int | None:
+    """Nodes of this launch: WORLD_SIZE / LOCAL_WORLD_SIZE (torchrun, deepspeed, a mapped srun),
+    else SLURM_NNODES; None when no launcher says. Uneven nodes count as the ceiling."""
+    env = os.environ if env is None else env
+    if "LOCAL_WORLD_SIZE" in env and "WORLD_SIZE" in env:
+        world, local = int(env["WORLD_SIZE"]), max(1, int(env["LOCAL_WORLD_SIZE"]))
+        return max(1, -(-world // local))
+    if "SLURM_NNODES" in env:
+        return int(env["SLURM_NNODES"])
+    return None
+
+
 def strip_local_rank_args(argv: list[str]) -> list[str]:
     """The deepspeed launcher appends --local_rank=N, which Hydra would reject; move it to env."""
     kept, seen = [], []

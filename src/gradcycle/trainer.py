@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from gradcycle import checkpoint, distributed, plan_auto
+from gradcycle import checkpoint, distributed
 from gradcycle.backends import build_backend
 from gradcycle.batching import BatchPlan, lr_at, plan_from_config
 from gradcycle.config import validate
@@ -37,6 +37,7 @@ from gradcycle.model import (
     count_params,
     decoder_layers,
 )
+from gradcycle.planner import auto as plan_auto
 from gradcycle.profiling import StepProfiler
 from gradcycle.telemetry import CommCounter, MetricsSink, flops_per_token, peak_memory_bytes
 
@@ -94,7 +95,7 @@ def run(cfg) -> dict:
     """Train according to `cfg` (a composed config). Returns the last step's record."""
     validate(cfg)  # every user error before anything starts or is written
     env = distributed.read_env()
-    nodes = plan_auto.nodes_from_env(cfg)
+    nodes = distributed.nodes_from_env() or cfg.nodes
     # train.micro_batch_size=auto / backend.sync=auto: the planner's choice, global batch kept
     cfg = plan_auto.resolve_auto(cfg, env.world_size, nodes)
     for attempt in range(plan_auto.MAX_OOM_RETRIES + 1):

@@ -38,6 +38,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from gradcycle.backends.base import SyncPlan, TorchBackend
+from gradcycle.distributed import nodes_from_env
 from gradcycle.model import decoder_layers
 from gradcycle.telemetry import CommCounter
 
@@ -49,8 +50,8 @@ def resolve_sync(sync: str) -> str:
     return "per_cycle" if sync == "per_cycle" else "per_micro"
 
 
-def nodes_from_env(env=None) -> int | None:
-    """Number of nodes from the launcher: torchrun's LOCAL_WORLD_SIZE, else Slurm's node count."""
+def hsdp_nodes(env=None) -> int | None:
+    """Nodes for hsdp's default replicate size; uneven nodes cannot hold one replica each."""
     env = os.environ if env is None else env
     if "LOCAL_WORLD_SIZE" in env and "WORLD_SIZE" in env:
         world, local = int(env["WORLD_SIZE"]), int(env["LOCAL_WORLD_SIZE"])
@@ -59,10 +60,7 @@ def nodes_from_env(env=None) -> int | None:
                 f"WORLD_SIZE={world} is not a multiple of LOCAL_WORLD_SIZE={local}: the hsdp "
                 "default (one replica per node) needs equal nodes; set backend.replicate"
             )
-        return world // local
-    if "SLURM_NNODES" in env:
-        return int(env["SLURM_NNODES"])
-    return None
+    return nodes_from_env(env)
 
 
 def mesh_shape(name: str, world: int, replicate: int | None, nodes: int | None) -> tuple:
@@ -147,7 +145,8 @@ class FSDPBackend(TorchBackend):
         self.name = bc.name
         self.sync = resolve_sync(bc.sync)
         # Before anything collective: a world the mesh cannot split fails the same way on all ranks.
-        self.shape = mesh_shape(self.name, world, bc.replicate, nodes_from_env())
+        nodes = hsdp_nodes() if self.name == "hsdp" and bc.replicate is None else None
+        self.shape = mesh_shape(self.name, world, bc.replicate, nodes)
         rank = dist.get_rank() if dist.is_initialized() else 0
         # First draw from the RNG after seeding: the same weights a single-process run starts from.
         full = make_model("cpu") if rank == 0 else None

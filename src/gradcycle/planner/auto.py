@@ -18,8 +18,8 @@ import copy
 import gc
 import os
 
-from gradcycle.memory import GIB
-from gradcycle.plan import UnknownShape, cut, fixes, make_plan
+from gradcycle.planner.memory import GIB
+from gradcycle.planner.plan import UnknownShape, cut, fixes, make_plan
 
 MAX_OOM_RETRIES = 3
 
@@ -39,17 +39,6 @@ class FirstStepOOM(Exception):
         """The same facts without the traceback and context that keep the failed attempt's
         frames, and so its tensors, alive."""
         return FirstStepOOM(self.micro, self.run_dir, self.message)
-
-
-def nodes_from_env(cfg) -> int:
-    """Nodes of this launch (torchrun/Slurm), else the config's."""
-    env = os.environ
-    if "LOCAL_WORLD_SIZE" in env and "WORLD_SIZE" in env:
-        world, local = int(env["WORLD_SIZE"]), max(1, int(env["LOCAL_WORLD_SIZE"]))
-        return max(1, world // local)
-    if "SLURM_NNODES" in env:
-        return int(env["SLURM_NNODES"])
-    return cfg.nodes
 
 
 def with_device_memory(cfg):
@@ -85,7 +74,7 @@ def resolve_auto(cfg, world: int, nodes: int | None = None):
         return cfg
     chosen = plan.auto if mbs_auto else plan.configured
     if chosen is None:
-        from gradcycle.plan import explain
+        from gradcycle.planner.plan import explain
 
         raise ValueError("train.micro_batch_size=auto: " + explain(plan))
     cfg = copy.deepcopy(cfg)

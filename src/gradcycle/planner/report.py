@@ -6,9 +6,9 @@ them); `recommendation` is the planner's best cut of the same global batch, chec
 
 from __future__ import annotations
 
-from gradcycle.costs import flops_per_token
-from gradcycle.memory import GIB
-from gradcycle.plan import Candidate, Plan, cut, explain
+from gradcycle.planner.costs import flops_per_token
+from gradcycle.planner.memory import GIB
+from gradcycle.planner.plan import Candidate, Plan, cut, explain
 
 WHEN = {"micro": "every micro-batch", "cycle": "once per cycle", "step": "after the step"}
 
