@@ -84,11 +84,11 @@ def _point(micro: int, ac: str) -> dict:
 
 
 def part_memory(micros: list[int], modes: list[str]) -> str:
-    from gradcycle.data import load_corpus
+    from gradcycle.data.reader import open_dataset
     from gradcycle.model import build_model, count_params
 
     cfg = compose(MEM_MODEL)
-    vocab = len(load_corpus(cfg.data, cfg.model).tokenizer)  # what the trainer sizes the model by
+    vocab = len(open_dataset(cfg).tokenizer)  # what the trainer sizes the model by
     n_params = count_params(build_model(cfg.model, vocab, "meta"))
     grads = 4 * n_params
     rows, act = [], {}

@@ -57,10 +57,10 @@ fi
 timeout 300 "$PY" - "${COMMON[@]}" <<'EOF' >> "$LOG" 2>&1 || echo "data warm-up failed (see $LOG)"
 import sys
 from gradcycle.cli import compose
-from gradcycle.data import load_corpus
+from gradcycle.data.reader import open_dataset
 cfg = compose(sys.argv[1:])
-c = load_corpus(cfg.data, cfg.model)
-print(f"corpus: {len(c.ids)} tokens, vocab {len(c.tokenizer)}")
+d = open_dataset(cfg)
+print(f"data: {d.manifest['splits']['train']['tokens']} tokens, vocab {len(d.tokenizer)}")
 EOF
 
 # Priority order: if the budget runs out, the K=8 rows (the point of accumulation) exist.

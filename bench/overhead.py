@@ -50,19 +50,34 @@ class Workload:
 
     def __init__(self, overrides: list[str], world: int):
         from gradcycle.batching import plan_from_config
-        from gradcycle.data import load_corpus, split_corpus
+        from gradcycle.data.reader import open_dataset
 
         self.overrides = overrides
         self.cfg = compose(overrides)
         self.plan = plan_from_config(self.cfg, world)
-        corpus = load_corpus(self.cfg.data, self.cfg.model)
-        self.train_set, _ = split_corpus(corpus, self.cfg.data)
-        self.vocab, self.pad = len(corpus.tokenizer), corpus.tokenizer.pad_token_id
+        self.data = open_dataset(self.cfg, progress=False)
+        self.train_set = self.data.samples("train", self.cfg.data)
+        self.vocab, self.pad = len(self.data.tokenizer), self.data.pad_id
 
     def batches(self):
-        from gradcycle.data import GlobalBatches
+        return _Cycles(self)
 
-        return GlobalBatches(self.train_set, self.plan.global_batch_size, self.cfg.seed, self.pad)
+
+class _Cycles:
+    """The trainer's global batches, fetched in the loop's process (host tensors on the CPU)."""
+
+    def __init__(self, w: Workload):
+        self.w = w
+
+    def cycle(self, step: int, rank: int, world: int, micro: int) -> list[dict]:
+        import torch
+
+        from gradcycle.data.loader import GlobalOrder, MicroBatches, to_device
+
+        w = self.w
+        order = GlobalOrder(len(w.train_set), w.cfg.seed)
+        mb = MicroBatches(w.train_set, order, w.plan.global_batch_size, rank, world, micro, w.pad)
+        return [to_device(h, torch.device("cpu")) for h in mb.cycle(step)]
 
     def model(self):
         from gradcycle.distributed import seed_everything

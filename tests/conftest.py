@@ -65,7 +65,7 @@ def _write_ragged_corpus(path: Path) -> Path:
     `data.packing=false` batches are ragged (the stdlib files themselves mostly exceed seq_len)."""
     if path.exists():
         return path
-    from gradcycle.data import stdlib_files
+    from gradcycle.data.sources import stdlib_files
 
     text = "".join(Path(f).read_text(encoding="utf-8") for f in stdlib_files()[:40])
     docs, pos, i = [], 0, 0

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gradcycle.batching import lr_at, plan_batch
-from gradcycle.data import GlobalBatches
+from gradcycle.data.loader import GlobalOrder, MicroBatches
 
 
 def plan(**kw):
@@ -98,15 +98,16 @@ class _Samples:
         return self.n
 
     def __getitem__(self, i):
-        return np.array([i, i + 1], dtype=np.int32)
+        return np.array([i, i + 1], dtype=np.int32), None
 
 
 def _samples_seen(step, world, micro, global_batch=16, seed=7):
-    gb = GlobalBatches(_Samples(37), global_batch, seed, pad_id=0)
     seen = []
     for rank in range(world):
-        for mb in gb.cycle(step, rank, world, micro):
-            seen += mb["input_ids"][:, 0].tolist()
+        order = GlobalOrder(37, seed)
+        mb = MicroBatches(_Samples(37), order, global_batch, rank, world, micro, pad_id=0)
+        for host in mb.cycle(step):
+            seen += host.rows[0, :, 0].tolist()
     return seen
 
 
@@ -117,9 +118,13 @@ def test_global_batch_is_independent_of_world_and_micro(world, micro):
         assert _samples_seen(step, world, micro) == _samples_seen(step, 1, 16)
 
 
-def test_order_depends_on_seed_and_covers_each_epoch():
-    gb = GlobalBatches(_Samples(32), 16, seed=1, pad_id=0)
-    epoch = gb.global_indices(0) + gb.global_indices(1)
-    assert sorted(epoch) == list(range(32))
-    other = GlobalBatches(_Samples(32), 16, seed=2, pad_id=0)
-    assert other.global_indices(0) != gb.global_indices(0)
+def test_order_depends_on_seed_and_covers_each_epoch(tmp_path):
+    order = GlobalOrder(32, seed=1)
+    assert sorted(order.indices(0, 32).tolist()) == list(range(32))
+    assert GlobalOrder(32, seed=2).indices(0, 16).tolist() != order.indices(0, 16).tolist()
+    # Stored once as .npy (what ranks and workers memory-map) and read back the same.
+    stored = GlobalOrder(32, seed=1, store=tmp_path)
+    assert stored.indices(20, 30).tolist() == order.indices(20, 30).tolist()  # epochs 0, 1
+    files = sorted(p.name for p in tmp_path.glob("*.npy"))
+    assert files == ["perm-n32-seed1-epoch0.npy", "perm-n32-seed1-epoch1.npy"]
+    assert np.load(tmp_path / files[0]).dtype == np.uint32

@@ -1,5 +1,6 @@
-"""Corpora through `datasets` (stdlib, local files, hub code path with local files), tokenizer,
-packing vs padding, held-out split, and `model.pretrained` from a local directory."""
+"""Sources through `datasets` (stdlib, local files, hub code path with local files), tokenizer,
+packing vs padding, held-out split, one data path (cache = data=tokens), and `model.pretrained`
+from a local directory."""
 
 from __future__ import annotations
 
@@ -10,14 +11,10 @@ import pytest
 import torch
 from conftest import TINY, compose, train_steps
 
-from gradcycle.data import (
-    IGNORE_INDEX,
-    collate,
-    load_corpus,
-    load_texts,
-    split_corpus,
-    stdlib_files,
-)
+from gradcycle.data import IGNORE_INDEX
+from gradcycle.data.loader import collate, to_device
+from gradcycle.data.reader import open_dataset
+from gradcycle.data.sources import Source, stdlib_files
 
 DOCS = [f"def f{i}():\n    return {i} * {'x' * (i % 17)!r}\n" * (1 + i % 5) for i in range(60)]
 
@@ -58,7 +55,7 @@ def test_files_group_reads_every_format(tmp_path, fmt):
         path, expected = d / "doc*.txt", 10
     field = "text" if fmt == "txt" else "body"
     cfg = _cfg(tmp_path, "data=files", f"data.path={path}", f"data.text_field={field}")
-    texts = load_texts(cfg.data)
+    texts = list(Source.from_config(cfg.data).documents())
     assert len(texts) == expected
     assert sorted(texts) == sorted(DOCS[:expected] if fmt != "glob" else DOCS)
 
@@ -69,56 +66,79 @@ def test_hub_group_code_path_with_local_dataset(tmp_path):
     saved = tmp_path / "saved"
     datasets.Dataset.from_dict({"text": DOCS}).save_to_disk(str(saved))
     cfg = _cfg(tmp_path, "data=hub", f"data.path={saved}")
-    assert load_texts(cfg.data) == DOCS
-    laid_out = tmp_path / "hub_layout"  # a folder laid out like a hub dataset repo
+    assert list(Source.from_config(cfg.data).documents()) == DOCS
+    laid_out = tmp_path / "hub_layout"  # a folder laid out like a hub dataset repo (streamed)
     (laid_out / "data").mkdir(parents=True)
     (laid_out / "data" / "train-00000.jsonl").write_text(
         "".join(json.dumps({"text": t}) + "\n" for t in DOCS)
     )
     cfg = _cfg(tmp_path, "data=hub", f"data.path={laid_out}", "data.split=train")
-    assert sorted(load_texts(cfg.data)) == sorted(DOCS)
+    source = Source.from_config(cfg.data)
+    assert sorted(source.documents()) == sorted(DOCS)
+    assert list(source.documents(skip=55)) == list(source.documents())[55:]  # resume point
 
 
 def test_packing_gives_full_blocks_and_padding_marks_labels(tmp_path):
     cfg = _cfg(tmp_path, "data.seq_len=32")
-    corpus = load_corpus(cfg.data, cfg.model)
-    train, val = split_corpus(corpus, cfg.data)
-    assert train.blocks.shape[1] == 32 and len(train) > 100
-    eos = corpus.tokenizer.eos_token_id
-    assert (corpus.ids[corpus.offsets[1:] - 1] == eos).all()  # every document ends with eos
+    data = open_dataset(cfg)
+    train = data.samples("train", cfg.data)
+    assert len(train) > 100 and all(len(train[j][0]) == 32 for j in (0, 1, len(train) - 1))
+    split = train.split
+    eos = data.tokenizer.eos_token_id
+    assert all(split.document(d)[-1] == eos for d in range(split.n_docs))  # each ends with eos
+    # Packed samples tile the token stream, across document and shard boundaries.
+    assert np.array_equal(np.concatenate([train[0][0], train[1][0]]), split.tokens(0, 64))
 
     cfg = _cfg(tmp_path, "data.seq_len=32", "data.packing=false")
-    train, _ = split_corpus(load_corpus(cfg.data, cfg.model), cfg.data)
-    assert all(2 <= len(train[i]) <= 32 for i in range(len(train)))
-    batch = collate([np.arange(5, dtype=np.int32), np.arange(3, dtype=np.int32)], pad_id=1)
+    train = open_dataset(cfg).samples("train", cfg.data)
+    assert len(train) == split.n_docs and all(2 <= len(train[i][0]) <= 32 for i in range(50))
+    host = collate([(np.arange(5), None), (np.arange(3), None)], pad_id=1)
+    batch = to_device(host, torch.device("cpu"))
+    assert batch["input_ids"].dtype == torch.int64 and host.rows.dtype == np.int32
     assert batch["input_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 1, 1]]
     assert batch["labels"][1].tolist() == [0, 1, 2, IGNORE_INDEX, IGNORE_INDEX]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4]] * 2
+    assert host.targets == 4 + 2  # labels after the first position that carry a loss
 
 
 def test_validation_split_is_held_out_and_fixed(tmp_path):
     cfg = _cfg(tmp_path, "data.val_fraction=0.1", "data.packing=false", "data.seq_len=4096")
-    corpus = load_corpus(cfg.data, cfg.model)
-    train, val = split_corpus(corpus, cfg.data)
-    as_set = lambda s: {bytes(s[i].tobytes()) for i in range(len(s))}  # noqa: E731
-    assert len(val) == 30 and not as_set(train) & as_set(val)
-    # The run's seed does not move documents between the splits.
+    data = open_dataset(cfg)
+    train, val = data.samples("train", cfg.data), data.samples("val", cfg.data)
+    as_set = lambda s: {bytes(s[i][0].tobytes()) for i in range(len(s))}  # noqa: E731
+    assert len(val) == 30 and len(train) + len(val) == 300 and not as_set(train) & as_set(val)
+    # The run's seed does not move documents between the splits: the same prepared data.
     cfg2 = _cfg(tmp_path, "data.val_fraction=0.1", "data.packing=false", "data.seq_len=4096",
                 "seed=99")  # fmt: skip
-    assert as_set(split_corpus(load_corpus(cfg2.data, cfg2.model), cfg2.data)[1]) == as_set(val)
+    again = open_dataset(cfg2)
+    assert again.root == data.root and as_set(again.samples("val", cfg2.data)) == as_set(val)
 
 
 def test_tokenizer_is_trained_locally_once_and_cached(tmp_path):
     cfg = _cfg(tmp_path)
-    first = load_corpus(cfg.data, cfg.model)
-    tok_files = sorted((tmp_path / "cache").glob("tokenizer-*/tokenizer.json"))
+    first = open_dataset(cfg)
+    tok_files = sorted((tmp_path / "cache").glob("tokenizers/*/tokenizer.json"))
     assert len(tok_files) == 1
     assert len(first.tokenizer) == 512  # data.vocab_size of experiment=cpu_smoke
     mtime = tok_files[0].stat().st_mtime_ns
-    second = load_corpus(cfg.data, cfg.model)
-    assert tok_files[0].stat().st_mtime_ns == mtime
-    assert np.array_equal(first.ids, second.ids)
+    manifest = (first.root / "manifest.json").stat().st_mtime_ns
+    second = open_dataset(cfg)
+    assert tok_files[0].stat().st_mtime_ns == mtime  # neither trained nor prepared again
+    assert (second.root / "manifest.json").stat().st_mtime_ns == manifest
+    assert second.fingerprint == first.fingerprint
     text = "import os\nprint(os.getcwd())\n"
     assert first.tokenizer.decode(first.tokenizer(text)["input_ids"]) == text
+
+
+def test_one_data_path_cache_and_tokens_train_the_same(tmp_path):
+    """data=stdlib prepares into the cache; data=tokens on that directory is the same run."""
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    cached = train_steps(tmp_path / "stdlib", [cache, "train.max_steps=2"])
+    root = open_dataset(_cfg(tmp_path)).root
+    tokens = train_steps(tmp_path / "tokens", [cache, "train.max_steps=2", "data=tokens",
+                                               f"data.path={root}", "data.seq_len=64"])  # fmt: skip
+    assert [r["loss"] for r in tokens] == [r["loss"] for r in cached]
+    assert all(0 <= r["data_wait_s"] <= r["step_time_s"] for r in cached + tokens)
 
 
 def test_pretrained_model_and_tokenizer_from_local_dir(tmp_path):
@@ -128,11 +148,11 @@ def test_pretrained_model_and_tokenizer_from_local_dir(tmp_path):
     from gradcycle.model import build_model
 
     cfg = _cfg(tmp_path)
-    corpus = load_corpus(cfg.data, cfg.model)
-    model = build_model(cfg.model, len(corpus.tokenizer))
+    data = open_dataset(cfg)
+    model = build_model(cfg.model, len(data.tokenizer))
     out = tmp_path / "pretrained"
     model.save_pretrained(out)
-    corpus.tokenizer.save_pretrained(out)
+    data.tokenizer.save_pretrained(out)
 
     records = train_steps(tmp_path / "run", [f"model.pretrained={out}", "train.max_steps=2",
                                              f"data.cache_dir={tmp_path / 'cache'}"])  # fmt: skip

@@ -9,7 +9,7 @@ import pytest
 from conftest import RAGGED, TINY, compose, rank_train, train_steps
 from multiproc import run_on_ranks
 
-from gradcycle.data import load_corpus
+from gradcycle.data.reader import open_dataset
 from gradcycle.model import build_model
 
 STEPS = [*RAGGED, "train.max_steps=3", "optim=sgd"]
@@ -52,7 +52,7 @@ def reference(tmp_path_factory):
 
 def _n_params() -> int:
     cfg = compose([*TINY, *STEPS])
-    vocab = len(load_corpus(cfg.data, cfg.model).tokenizer)
+    vocab = len(open_dataset(cfg).tokenizer)
     return sum(p.numel() for p in build_model(cfg.model, vocab, "meta").parameters())
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from conftest import RAGGED, TINY, compose, train_steps
 
-from gradcycle.data import GlobalBatches, load_corpus, split_corpus
+from gradcycle.data.loader import GlobalOrder, MicroBatches, to_device
+from gradcycle.data.reader import open_dataset
 from gradcycle.model import build_model
 from gradcycle.trainer import count_targets, token_loss
 
@@ -36,14 +37,19 @@ def _flat_grad(model) -> torch.Tensor:
 def test_token_normalisation_is_exact_and_mean_of_means_is_not():
     """Exact: sum-CE / cycle tokens. Mean of per-micro-batch means / K: another objective."""
     cfg = compose([*TINY, *STEPS])
-    corpus = load_corpus(cfg.data, cfg.model)
-    train, _ = split_corpus(corpus, cfg.data)
-    batches = GlobalBatches(train, 8, cfg.seed, corpus.tokenizer.pad_token_id)
+    data = open_dataset(cfg)
+    train = data.samples("train", cfg.data)
     torch.manual_seed(0)
-    model = build_model(cfg.model, len(corpus.tokenizer))
+    model = build_model(cfg.model, len(data.tokenizer))
 
-    full = batches.cycle(0, 0, 1, 8)[0]
-    micro = batches.cycle(0, 0, 1, 2)
+    def cycle(micro: int) -> list[dict]:  # global batch 0 on one rank, cut into micro-batches
+        batches = MicroBatches(
+            train, GlobalOrder(len(train), cfg.seed), 8, 0, 1, micro, data.pad_id
+        )
+        return [to_device(h, torch.device("cpu")) for h in batches.cycle(0)]
+
+    full = cycle(8)[0]
+    micro = cycle(2)
     lengths = (full["labels"] != -100).sum(1)
     assert lengths.max() >= 4 * lengths.min(), f"lengths not ragged enough: {lengths.tolist()}"
 

@@ -48,10 +48,10 @@ JOBS = dict(
 
 # -- what runs on each of the 2 ranks ---------------------------------------------------------
 def _make_model_fn(cfg):
-    from gradcycle.data import load_corpus
+    from gradcycle.data.reader import open_dataset
     from gradcycle.model import apply_activation_checkpointing
 
-    vocab = len(load_corpus(cfg.data, cfg.model).tokenizer)
+    vocab = len(open_dataset(cfg).tokenizer)
 
     def make_model(where):
         model = build_model(cfg.model, vocab, where)
@@ -134,10 +134,10 @@ def references(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sizes():
     """N: parameters of the test model; R: those of the root unit (embeddings, norm, head)."""
-    from gradcycle.data import load_corpus
+    from gradcycle.data.reader import open_dataset
 
     cfg = compose([*TINY, *STEPS])
-    model = build_model(cfg.model, len(load_corpus(cfg.data, cfg.model).tokenizer), "meta")
+    model = build_model(cfg.model, len(open_dataset(cfg).tokenizer), "meta")
     n = sum(p.numel() for p in model.parameters())
     layers = sum(p.numel() for p in decoder_layers(model).parameters())
     # every parameter's dim 0 is even: no padding when sharding over 2 ranks

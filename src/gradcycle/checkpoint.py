@@ -18,7 +18,9 @@ then does `latest` move. A crash at any moment leaves the previous checkpoint an
 `checkpoint.keep=N` then deletes only complete checkpoints older than the one just written.
 
 The data position needs no state of its own: global batch `s` is a pure function of (seed, data,
-global batch size, s) (data.GlobalBatches), and the LR schedule is a pure function of the step.
+global batch size, s) (gradcycle/data/loader.py), and the LR schedule is a pure function of the
+step. trainer.json records the prepared dataset's fingerprint and the samples consumed; resuming
+on data with another fingerprint is refused unless data.allow_changed=true.
 """
 
 from __future__ import annotations
@@ -191,8 +193,10 @@ def _discard(path: Path) -> None:
 class Checkpointer:
     """Save / resume for one run. Every method is collective: all ranks call it."""
 
-    def __init__(self, cfg, run_dir: Path, backend, plan, tokenizer=None, faults=None):
+    def __init__(self, cfg, run_dir: Path, backend, plan, tokenizer=None, faults=None,
+                 data_fingerprint: str | None = None):  # fmt: skip
         self.cfg, self.backend, self.plan, self.tokenizer = cfg, backend, plan, tokenizer
+        self.data_fingerprint = data_fingerprint
         self.run_dir = Path(run_dir)
         self.root = self.run_dir / "checkpoints"
         self.rank = _rank()
@@ -273,6 +277,15 @@ class Checkpointer:
                     f"and {ours.get(name)} in this model (None = absent): the checkpoint belongs "
                     "to a different model shape (check model.* and the tokenizer's vocabulary)"
                 )
+        saved_data = meta.get("dataset", {}).get("fingerprint")
+        if (saved_data and self.data_fingerprint and saved_data != self.data_fingerprint
+                and not self.cfg.data.allow_changed):  # fmt: skip
+            raise ValueError(
+                f"{where}: trained on the prepared dataset with fingerprint {saved_data} "
+                f"({meta['dataset'].get('samples_consumed')} samples consumed), this run's data "
+                f"has fingerprint {self.data_fingerprint}: resume with the same data (data.* and "
+                "the tokenizer), or set data.allow_changed=true to continue on this data"
+            )
         if meta.get("global_batch_size") != self.plan.global_batch_size:
             raise ValueError(
                 f"{where}: trained with a global batch of {meta.get('global_batch_size')} "
@@ -360,6 +373,10 @@ class Checkpointer:
             "precision": self.cfg.precision,
             "seed": self.cfg.seed,
             "data": OmegaConf.to_container(self.cfg.data, resolve=True),
+            "dataset": {
+                "fingerprint": self.data_fingerprint,
+                "samples_consumed": state.step * self.plan.global_batch_size,
+            },  # fmt: skip
             "model": {k: self.cfg.model.get(k) for k in SHAPE_FIELDS},
             "trust_remote_code": bool(self.cfg.model.trust_remote_code),
             "params": param_shapes(self.backend.module),

@@ -36,17 +36,32 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "stdlib"  # stdlib | files | hub
-    path: str | None = None  # files: file, folder or glob; hub: dataset id or local dataset dir
+    name: str = "stdlib"  # stdlib | files | hub | tokens
+    # files: file, folder or glob; hub: dataset id or local dataset dir; tokens: a prepared dir
+    path: str | None = None
     text_field: str = "text"
     split: str = "train"
     seq_len: int = 256
     packing: bool = True
+    document_mask: bool = False  # packed rows: positions, attention and targets per document
     tokenizer: str | None = None  # path or hub id; None = byte-level BPE trained locally, cached
     vocab_size: int = 4096  # for the locally trained tokenizer
-    max_documents: int | None = None
-    val_fraction: float = 0.02
+    max_documents: int | None = None  # prepare: the source's first N documents
+    val_fraction: float = 0.02  # prepare: documents held out for eval_loss
     cache_dir: str | None = None  # None = $GRADCYCLE_CACHE or ~/.cache/gradcycle
+    num_workers: int = 2  # DataLoader worker processes per rank (0 = in the training process)
+    prefetch_factor: int = 2  # micro-batches each worker computes ahead
+    allow_changed: bool = False  # resume a checkpoint on a dataset with another fingerprint
+
+
+@dataclass
+class PrepareConfig:
+    """python -m gradcycle.prepare, and data=stdlib|files|hub preparing into the cache."""
+
+    out: str | None = None  # python -m gradcycle.prepare: the directory the shards go to
+    num_proc: int | None = None  # tokenising processes; None = the machine's cores (at most 32)
+    shard_mb: float = 1024.0  # about this many MB of tokens per shard
+    dtype: str = "auto"  # auto | uint16 | uint32 (auto: uint16 when the vocabulary fits)
 
 
 @dataclass
@@ -152,6 +167,7 @@ class Config:
     profile_steps: list[int] = field(default_factory=lambda: [2, 3])  # numbered from 1
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
@@ -244,7 +260,8 @@ def validate(cfg: Any) -> None:
     _one_of("activation_checkpointing.mode", cfg.activation_checkpointing.mode,
             ("none", "full", "selective"))  # fmt: skip
     _one_of("train.on_nonfinite", cfg.train.on_nonfinite, ("skip", "halt"))
-    _one_of("data.name", cfg.data.name, ("stdlib", "files", "hub"))
+    _one_of("data.name", cfg.data.name, ("stdlib", "files", "hub", "tokens"))
+    _one_of("prepare.dtype", cfg.prepare.dtype, ("auto", "uint16", "uint32"))
     _one_of("logging.wandb.mode", cfg.logging.wandb.mode, ("disabled", "offline", "online"))
     _one_of("plan.format", cfg.plan.format, ("text", "json"))
     if not (0 < cfg.plan.mfu <= 1 and 0 < cfg.plan.headroom <= 1):
@@ -311,6 +328,21 @@ def validate(cfg: Any) -> None:
         raise ValueError(
             f"data.vocab_size={cfg.data.vocab_size} must be >= 260 (256 bytes + specials)"
         )
+    if (cfg.data.name != "tokens" and cfg.data.tokenizer is None and not cfg.model.pretrained
+            and cfg.prepare.dtype == "uint16" and cfg.data.vocab_size > 2**16):  # fmt: skip
+        raise ValueError(
+            f"data.vocab_size={cfg.data.vocab_size} does not fit prepare.dtype=uint16 (at most "
+            "65536 ids): use prepare.dtype=uint32 or auto"
+        )
+    if cfg.data.document_mask and not cfg.data.packing:
+        raise ValueError(
+            "data.document_mask=true needs data.packing=true: an unpacked sample is one document "
+            "already (set data.document_mask=false)"
+        )
+    _positive("data.num_workers", cfg.data.num_workers, allow_zero=True)
+    _positive("data.prefetch_factor", cfg.data.prefetch_factor)
+    _positive("prepare.num_proc", cfg.prepare.num_proc)
+    _positive("prepare.shard_mb", cfg.prepare.shard_mb)
     _validate_data_path(cfg.data)
 
     m = cfg.model
@@ -356,18 +388,20 @@ def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or os.path.exists(path)
 
 
+_PATH_NEEDS = {
+    "files": "a file, folder or glob of jsonl/json/parquet/txt files",
+    "hub": "a hub dataset id or a local dataset folder",
+    "tokens": "a directory written by python -m gradcycle.prepare ... prepare.out=<dir>",
+}
+
+
 def _validate_data_path(data: Any) -> None:
     if data.name == "stdlib":
         return
     if not data.path:
-        raise ValueError(
-            f"data={data.name} needs data.path: "
-            + (
-                "a file, folder or glob of jsonl/json/parquet/txt files"
-                if data.name == "files"
-                else "a hub dataset id or a local dataset folder"
-            )  # fmt: skip
-        )
+        raise ValueError(f"data={data.name} needs data.path: {_PATH_NEEDS[data.name]}")
+    if data.name == "tokens" and not os.path.isdir(os.path.expanduser(data.path)):
+        raise ValueError(f"data.path={data.path!r}: no such directory ({_PATH_NEEDS['tokens']})")
     if data.name == "files" and not glob.glob(os.path.expanduser(data.path), recursive=True):
         raise ValueError(f"data.path={data.path!r} matches no file or folder")
     if data.name == "hub" and _looks_local(data.path) and not os.path.exists(data.path):

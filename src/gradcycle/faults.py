@@ -19,6 +19,8 @@ Fault injection (tests only; unset in normal runs, and then every hook is a no-o
                              and before the rename that completes it
     nan_loss:<step>          that step's loss becomes NaN (so do its gradients)
     inf_grad:<step>          that step's gradients become inf, its loss stays finite
+    kill_in_prepare:<shard>  SIGKILL gradcycle.prepare while it cuts train shard <shard> (1 = the
+                             first): its data is in temporary files, not yet renamed
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 
 ENV_VAR = "GRADCYCLE_FAULT"
 KINDS = ("kill", "sigterm", "sigusr1", "hang", "kill_in_save", "nan_loss", "inf_grad")
+KINDS += ("kill_in_prepare",)  # gradcycle.prepare
 _AT_MICRO = {"kill": signal.SIGKILL, "sigterm": signal.SIGTERM, "sigusr1": signal.SIGUSR1,
              "hang": signal.SIGSTOP}  # fmt: skip
 
@@ -151,6 +154,10 @@ class Faults:
 
     def in_save(self, step: int) -> None:
         if self.faults and self._hit("kill_in_save", step):
+            _flush_and_kill(signal.SIGKILL)
+
+    def in_prepare(self, shard: int) -> None:
+        if self.faults and self._hit("kill_in_prepare", shard):
             _flush_and_kill(signal.SIGKILL)
 
 

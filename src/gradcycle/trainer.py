@@ -27,7 +27,9 @@ from gradcycle import checkpoint, distributed
 from gradcycle.backends import build_backend
 from gradcycle.batching import BatchPlan, lr_at, plan_from_config
 from gradcycle.config import validate
-from gradcycle.data import IGNORE_INDEX, GlobalBatches, eval_batches, load_corpus, split_corpus
+from gradcycle.data import IGNORE_INDEX
+from gradcycle.data.loader import eval_batches, train_loader
+from gradcycle.data.reader import open_dataset
 from gradcycle.faults import Faults, StopSignal, requeue_under_slurm
 from gradcycle.model import (
     apply_activation_checkpointing,
@@ -48,7 +50,8 @@ class NonFiniteHalt(RuntimeError):
 
 def token_loss(model, batch: dict, norm: torch.Tensor | float) -> torch.Tensor:
     """Sum of next-token cross-entropy over real targets, divided by the cycle's token count."""
-    logits = model(input_ids=batch["input_ids"]).logits
+    # position_ids, and under document masking the attention inputs, go to the model as they are
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     labels = batch["labels"][:, 1:]
     loss = F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(),
@@ -109,8 +112,9 @@ def run(cfg) -> dict:
 
 def _run(cfg, env, nodes: int) -> dict:
     plan = plan_from_config(cfg, env.world_size)
-    corpus = load_corpus(cfg.data, cfg.model)  # every rank, file-locked cache: data errors here
-    train_set, val_set = split_corpus(corpus, cfg.data)
+    # Every rank; data=stdlib|files|hub prepare into the cache on first use (file-locked, once).
+    data = open_dataset(cfg, progress=env.is_main)  # every data error here, before any collective
+    val_set = data.samples("val", cfg.data)
 
     device = distributed.pick_device(env, cfg.device)
     comm = CommCounter.instance()
@@ -119,7 +123,7 @@ def _run(cfg, env, nodes: int) -> dict:
     run_dir = resolve_run_dir(cfg, env)
     distributed.seed_everything(cfg.seed)
 
-    vocab = len(corpus.tokenizer)
+    vocab = len(data.tokenizer)
     ac = cfg.activation_checkpointing
     is_dist = env.world_size > 1
 
@@ -132,7 +136,9 @@ def _run(cfg, env, nodes: int) -> dict:
     n_params = count_params(backend.module)
     state = State()
     faults = Faults.from_env(env.rank)  # test-only fault injection (GRADCYCLE_FAULT); else no-op
-    ckpt = checkpoint.Checkpointer(cfg, run_dir, backend, plan, corpus.tokenizer, faults)
+    ckpt = checkpoint.Checkpointer(
+        cfg, run_dir, backend, plan, data.tokenizer, faults, data_fingerprint=data.fingerprint
+    )
     # Before anything is written: a bad checkpoint or resume mismatch leaves the run dir as it was.
     resumed_from = ckpt.resume(state)
     if env.is_main:
@@ -153,9 +159,8 @@ def _run(cfg, env, nodes: int) -> dict:
         print(f"resumed from {resumed_from} at step {state.step}", flush=True)
 
     sink = MetricsSink(run_dir, cfg, env.is_main, OmegaConf.to_container(cfg, resolve=True))
-    batches = GlobalBatches(
-        train_set, plan.global_batch_size, cfg.seed, corpus.tokenizer.pad_token_id
-    )
+    # this rank's micro-batches from global batch `state.step` on, computed ahead by workers
+    loader = train_loader(cfg, data, plan, env, device, start=state.step, model=backend.module)
     recomputed = checkpointed_layers(len(decoder_layers(backend.module)), ac.mode, ac.every)
     fpt = flops_per_token(backend.module, cfg.data.seq_len, recomputed)  # (model, hardware)
     profiler = StepProfiler(cfg.profile, cfg.profile_steps, run_dir, env.rank, device)
@@ -169,17 +174,17 @@ def _run(cfg, env, nodes: int) -> dict:
             t0 = time.perf_counter()
             step = state.step
             # -- the cycle: K micro-batches, one token count, one boundary ---------------------
-            micro = batches.cycle(step, env.rank, env.world_size, plan.micro_batch_size)
-            count = _to_device(count_targets(micro), device)
+            cycle = loader.cycle(step)  # this rank's K micro-batches of global batch `step`
+            count = _to_device(cycle.targets, device)  # counted on the host: no device sync
             with comm.suspended():  # the trainer's own collectives are not the backend's
                 n_tokens = distributed.all_reduce_tensor([count], device)
             loss_fn = functools.partial(token_loss, norm=n_tokens[0].clamp(min=1))
             loss_fn = faults.wrap_loss(step, loss_fn)  # tests only: an injected NaN/inf
             losses = []
             with backend.cycle():
-                for k, batch in enumerate(micro):
+                for k, batch in enumerate(cycle.micro):
                     faults.at_micro(step, k)
-                    last = k == len(micro) - 1
+                    last = k == len(cycle.micro) - 1
                     with profiler.region("forward_backward"):
                         losses.append(backend.forward_backward(batch, loss_fn, last=last))
             lr = lr_at(step, plan, cfg.optim.schedule, cfg.train.max_steps, cfg.optim.min_lr_ratio)
@@ -208,7 +213,7 @@ def _run(cfg, env, nodes: int) -> dict:
             state.tokens_seen += int(n_tokens)
             dt = time.perf_counter() - t0
             record = _record(state, plan, cfg, env, loss, result, n_tokens, dt, lr, fpt, device,
-                             comm_counts)  # fmt: skip
+                             comm_counts, cycle.wait_s)  # fmt: skip
             split = profiler.stop()
             if split is not None:
                 record["profile"] = split
@@ -216,9 +221,7 @@ def _run(cfg, env, nodes: int) -> dict:
             progress.update(record)
             if cfg.train.eval_every and (state.step % cfg.train.eval_every == 0
                                          or state.step == cfg.train.max_steps):  # fmt: skip
-                ev = evaluate(
-                    backend, val_set, plan, cfg, env, device, corpus.tokenizer.pad_token_id
-                )
+                ev = evaluate(backend, val_set, plan, cfg, env, device, loader, data.pad_id)
                 comm.take()  # eval's parameter gathers (fsdp, hsdp, zero3) are no step's
                 sink.write({"step": state.step, **ev})
                 progress.note(f"step {state.step}: eval_loss {ev['eval_loss']:.4f}")
@@ -235,6 +238,7 @@ def _run(cfg, env, nodes: int) -> dict:
             raise
         raise plan_auto.FirstStepOOM(plan.micro_batch_size, str(run_dir), str(e)) from None
     finally:
+        loader.close()
         progress.close()
         sink.close()
         stop.uninstall()
@@ -243,7 +247,8 @@ def _run(cfg, env, nodes: int) -> dict:
     return record
 
 
-def _record(state, plan: BatchPlan, cfg, env, loss, result, n_tokens, dt, lr, fpt, device, comm):
+def _record(state, plan: BatchPlan, cfg, env, loss, result, n_tokens, dt, lr, fpt, device, comm,
+            data_wait_s):  # fmt: skip
     tokens_per_s = n_tokens / dt if dt > 0 else 0.0
     peak = cfg.hardware.bf16_tflops * 1e12 * env.world_size  # FLOP/s of all ranks together
     return {
@@ -257,6 +262,7 @@ def _record(state, plan: BatchPlan, cfg, env, loss, result, n_tokens, dt, lr, fp
         "micro_batch_size": plan.micro_batch_size,
         "world_size": env.world_size,
         "step_time_s": dt,
+        "data_wait_s": data_wait_s,  # of step_time_s: waiting for this cycle's micro-batches
         "tokens_per_s": tokens_per_s,
         "mfu": fpt[0] * tokens_per_s / peak,
         "hfu": fpt[1] * tokens_per_s / peak,  # + recomputed forwards (activation checkpointing)
@@ -270,13 +276,14 @@ def _record(state, plan: BatchPlan, cfg, env, loss, result, n_tokens, dt, lr, fp
 
 
 @torch.no_grad()
-def evaluate(backend, val_set, plan, cfg, env, device, pad_id) -> dict:
+def evaluate(backend, val_set, plan, cfg, env, device, loader, pad_id) -> dict:
     """Token-weighted validation loss over the same batches on any world size."""
     losses, tokens = [], 0
-    for batch in eval_batches(val_set, plan.micro_batch_size, cfg.train.eval_batches, env.rank,
-                              env.world_size, pad_id):  # fmt: skip
+    for host in eval_batches(val_set, plan.micro_batch_size, cfg.train.eval_batches, env.rank,
+                             env.world_size, pad_id, cfg.data.document_mask):  # fmt: skip
+        batch = loader.to_device(host)
         losses.append(backend.eval_loss(batch, functools.partial(token_loss, norm=1.0)))
-        tokens += count_targets([batch])
+        tokens += host.targets
     with CommCounter.instance().suspended():
         sums = distributed.all_reduce_tensor([torch.stack(losses).sum(), tokens], device)
     total, tokens = sums.tolist()

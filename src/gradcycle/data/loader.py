@@ -1,0 +1,207 @@
+"""Global batch s -> this rank's K micro-batches, fetched ahead by DataLoader workers.
+
+Sample order is one permutation per epoch, seeded by (seed, epoch) and stored once as `.npy` in
+the cache (written under a file lock by whichever process needs it first, then memory-mapped by
+all ranks and workers). Global batch s is stream positions [s*G, (s+1)*G); rank r takes its
+contiguous slice of G/W samples and cuts it into K micro-batches of b. So the samples of a global
+batch depend only on (seed, data, G): 1 rank with micro 8 and 8 ranks with micro 1 see the same,
+and the resumable data position is the step number alone.
+
+Micro-batch i of a rank (step i // K, micro i % K) is a pure function of i, so the order cannot
+depend on data.num_workers: the DataLoader only computes them ahead. They travel as int32 (pinned
+on CUDA) and are widened to int64 on the device after a non-blocking copy.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from filelock import FileLock
+
+from gradcycle.data import IGNORE_INDEX
+from gradcycle.data.masking import attention_inputs, row_inputs, varlen_lengths
+
+
+class GlobalOrder:
+    """Stream position p -> sample index: the permutation of epoch p // n at p % n."""
+
+    def __init__(self, n: int, seed: int, store: Path | None = None):
+        self.n, self.seed, self.store = n, seed, store
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        make = lambda: np.random.default_rng([self.seed, epoch]).permutation(self.n)  # noqa: E731
+        if self.store is None:
+            return make()
+        path = self.store / f"perm-n{self.n}-seed{self.seed}-epoch{epoch}.npy"
+        if not path.is_file():
+            self.store.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(path) + ".lock"):  # one writer per (shared) cache
+                if not path.is_file():
+                    dtype = np.uint32 if self.n < 2**32 else np.uint64
+                    tmp = path.with_name(f".tmp-{path.name}")
+                    np.save(tmp, make().astype(dtype))
+                    tmp.replace(path)
+        return np.load(path, mmap_mode="r")
+
+    def indices(self, start: int, count: int) -> np.ndarray:
+        epochs, at = np.divmod(np.arange(start, start + count, dtype=np.int64), self.n)
+        out = np.empty(count, np.int64)
+        for epoch in np.unique(epochs):
+            if epoch != self._epoch:
+                self._epoch, self._perm = int(epoch), self._permutation(int(epoch))
+            here = epochs == epoch
+            out[here] = self._perm[at[here]]
+        return out
+
+
+ROWS = ("input_ids", "labels", "position_ids")  # stacked in one int32 array on the host
+
+
+class HostBatch:
+    """One micro-batch on the host, as a worker sends it.
+
+    rows      int32 (3, b, width): input ids, labels, position ids (one array: one transfer from
+              the worker, one copy to the device); numpy until pinned, so the worker pickles it
+              through the pipe instead of a shared-memory handshake per tensor
+    targets   its target count: labels after the first position that are not -100
+    seq_lens  under document masking, the document lengths of the rows flattened (varlen)
+    """
+
+    __slots__ = ("rows", "targets", "seq_lens")
+
+    def __init__(self, rows, targets: int, seq_lens=None):
+        self.rows, self.targets, self.seq_lens = rows, targets, seq_lens
+
+    def pin_memory(self) -> HostBatch:  # called by DataLoader's pin-memory thread (CUDA)
+        pin = lambda a: None if a is None else torch.as_tensor(a).pin_memory()  # noqa: E731
+        return HostBatch(pin(self.rows), self.targets, pin(self.seq_lens))
+
+
+def collate(samples: list, pad_id: int, document_mask: bool = False) -> HostBatch:
+    """Rows right-padded to the longest, labels -100 on padding.
+
+    No padding mask is needed: with right padding and causal attention no real token attends to
+    padding, and padded positions carry no loss.
+    """
+    width = max(len(ids) for ids, _ in samples)
+    rows = np.empty((3, len(samples), width), np.int32)
+    rows[0], rows[1], rows[2] = pad_id, IGNORE_INDEX, np.arange(width, dtype=np.int32)
+    for row, (tokens, starts) in enumerate(samples):
+        n = len(tokens)
+        rows[0, row, :n] = tokens
+        rows[1, row, :n], rows[2, row, :n] = row_inputs(tokens, starts, document_mask)
+    targets = int((rows[1, :, 1:] != IGNORE_INDEX).sum())
+    seq_lens = varlen_lengths(rows[2]).astype(np.int32) if document_mask else None
+    return HostBatch(rows, targets, seq_lens)
+
+
+def _as_is(item):  # DataLoader's default would turn the numpy arrays into shared-memory tensors
+    return item
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Item i: micro-batch i % K of global batch i // K for one rank (what workers compute)."""
+
+    def __init__(self, samples, order: GlobalOrder, global_batch: int, rank: int, world: int,
+                 micro: int, pad_id: int, document_mask: bool = False):  # fmt: skip
+        assert global_batch % (world * micro) == 0, (global_batch, world, micro)
+        self.samples, self.order, self.global_batch = samples, order, global_batch
+        self.rank, self.world, self.micro, self.pad_id = rank, world, micro, pad_id
+        self.document_mask = document_mask
+        self.per_rank = global_batch // world
+        self.k = self.per_rank // micro
+
+    def indices(self, step: int, k: int) -> np.ndarray:
+        start = step * self.global_batch + self.rank * self.per_rank + k * self.micro
+        return self.order.indices(start, self.micro)
+
+    def __getitem__(self, i: int) -> HostBatch:
+        step, k = divmod(int(i), self.k)
+        rows = [self.samples[j] for j in self.indices(step, k)]
+        return collate(rows, self.pad_id, self.document_mask)
+
+    def cycle(self, step: int) -> list[HostBatch]:
+        """This rank's K micro-batches of global batch `step`, in this process (host tensors)."""
+        return [self[step * self.k + k] for k in range(self.k)]
+
+
+@dataclass
+class Cycle:
+    micro: list[dict]  # K micro-batches on the device, ready for backend.forward_backward
+    targets: int  # target tokens of the K micro-batches (this rank), counted on the host
+    wait_s: float  # how long the loop waited for them
+
+
+def to_device(host: HostBatch, device: torch.device, attn_implementation: str | None = "sdpa",
+              document_mask: bool = False) -> dict:  # fmt: skip
+    """Host micro-batch -> the model's batch: a non-blocking copy, widened to int64 on the device."""
+    rows = torch.as_tensor(host.rows).to(device, non_blocking=True).long()
+    batch = dict(zip(ROWS, rows.unbind(0)))
+    if not document_mask:
+        return batch
+    batch["seq_lens"] = torch.as_tensor(host.seq_lens).to(device, non_blocking=True)
+    return attention_inputs(batch, attn_implementation)
+
+
+class CycleLoader:
+    """The training loop's data: `cycle(step)` -> this rank's K micro-batches of global batch
+    `step`, steps consumed in order from `start`. Workers compute ahead (data.num_workers,
+    data.prefetch_factor micro-batches each); 0 workers computes them in the loop's process."""
+
+    def __init__(self, batches: MicroBatches, device: torch.device, start: int, stop: int,
+                 data_cfg, attn_implementation: str | None = "sdpa"):  # fmt: skip
+        self.batches, self.device, self.next_step = batches, device, start
+        self.attn, self.document_mask = attn_implementation, data_cfg.document_mask
+        workers = data_cfg.num_workers
+        self.loader = torch.utils.data.DataLoader(
+            batches, batch_size=None, sampler=range(start * batches.k, stop * batches.k),
+            num_workers=workers, pin_memory=device.type == "cuda",
+            prefetch_factor=data_cfg.prefetch_factor if workers else None,
+            persistent_workers=workers > 0, collate_fn=_as_is,
+        )  # fmt: skip
+        self._it = iter(self.loader)
+
+    def to_device(self, host: HostBatch) -> dict:
+        return to_device(host, self.device, self.attn, self.document_mask)
+
+    def cycle(self, step: int) -> Cycle:
+        assert step == self.next_step, f"the loader is at step {self.next_step}, asked for {step}"
+        t0 = time.perf_counter()
+        host = [next(self._it) for _ in range(self.batches.k)]
+        micro = [self.to_device(h) for h in host]
+        self.next_step += 1
+        return Cycle(micro, sum(h.targets for h in host), time.perf_counter() - t0)
+
+    def close(self) -> None:
+        self._it = None  # the iterator's finaliser stops the workers
+        self.loader = None
+
+
+def eval_batches(samples, micro: int, n_batches: int, rank: int, world: int, pad_id: int,
+                 document_mask: bool = False):  # fmt: skip
+    """n_batches micro-batches per rank from the validation split, the same count on every rank.
+
+    Equal counts matter: sharded backends run collectives inside forward, so a rank with one
+    batch fewer would leave the others waiting. Small splits wrap around.
+    """
+    n = len(samples)
+    for b in range(n_batches):
+        start = (b * world + rank) * micro
+        yield collate([samples[(start + j) % n] for j in range(micro)], pad_id, document_mask)
+
+
+def train_loader(cfg, data, plan, env, device: torch.device, start: int, model) -> CycleLoader:
+    """The trainer's loader: global batches of `data`'s train split from step `start` on."""
+    from gradcycle.data.sources import cache_root
+
+    samples = data.samples("train", cfg.data)
+    order = GlobalOrder(len(samples), cfg.seed, cache_root(cfg.data) / "order")
+    batches = MicroBatches(samples, order, plan.global_batch_size, env.rank, env.world_size,
+                           plan.micro_batch_size, data.pad_id, cfg.data.document_mask)  # fmt: skip
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return CycleLoader(batches, device, start, cfg.train.max_steps, cfg.data, attn)
