@@ -341,6 +341,18 @@ def validate(cfg: Any) -> None:
     from gradcycle.backends.ds_config import check_user_config
 
     check_user_config(cfg)  # DeepSpeed's own rules (batch keys, sync), before any process group
+    if cfg.precision == "fp16" and cfg.backend.name.startswith("zero"):
+        from gradcycle.backends.ds_config import deepspeed_supports_fp16
+        from gradcycle.distributed import device_type
+
+        where = device_type(cfg.device)
+        if not deepspeed_supports_fp16(where):
+            raise ValueError(
+                f"precision=fp16 with backend={cfg.backend.name}: DeepSpeed does not support fp16 "
+                f"on this {where.upper()} (its accelerator reports no fp16 kernels, e.g. a CPU "
+                "without AVX512-FP16/AMX); use precision=bf16 or precision=fp32, or "
+                "backend=ddp for fp16 autocast with a GradScaler"
+            )
     if cfg.precision == "fp16" and cfg.backend.name in ("fsdp", "hsdp"):
         raise ValueError(
             f"precision=fp16 with backend={cfg.backend.name}: FSDP2 has no sharded fp16 loss scaler "

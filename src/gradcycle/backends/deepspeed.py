@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from gradcycle.backends.base import Backend, StepResult, SyncPlan, build_optimizer
-from gradcycle.backends.ds_config import build_ds_config, resolve_sync, zero_stage
+from gradcycle.backends.ds_config import build_ds_config, pin_accelerator, resolve_sync, zero_stage
 from gradcycle.batching import plan_from_config
 from gradcycle.model import count_params
 from gradcycle.telemetry import CommCounter
@@ -36,12 +36,8 @@ CKPT_TAG = "zero"  # save_state(path) writes path/zero/* (+ DeepSpeed's zero_to_
 
 
 def import_deepspeed(device: torch.device):
-    """Import DeepSpeed with the accelerator pinned to our device, without JIT-building ops."""
-    if device.type == "cpu":
-        # Otherwise a GPU host would pick CUDA even for device=cpu.
-        os.environ["DS_ACCELERATOR"] = "cpu"
-    else:
-        os.environ.setdefault("DS_ACCELERATOR", device.type)
+    """Import DeepSpeed with its accelerator pinned to our device, without JIT-building ops."""
+    pin_accelerator(device.type)  # before DeepSpeed's modules read the accelerator
     import deepspeed
     import deepspeed.ops
 
@@ -97,18 +93,18 @@ class DeepSpeedBackend(Backend):
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
-            try:
-                module = make_model("cpu")
-            except BaseException:
-                self._forget_hf_ds_config()
-                raise
-        else:
-            module = make_model("cpu").to(device)
-        self.module = module
-        self.optimizer = build_optimizer(module.parameters(), cfg.optim, cfg.optim.lr)
-        self.engine, *_ = deepspeed.initialize(
-            model=module, optimizer=self.optimizer, config=self.ds_config
-        )
+        try:
+            module = make_model("cpu")
+            module = module if self.stage == 3 else module.to(device)
+            self.module = module
+            self.optimizer = build_optimizer(module.parameters(), cfg.optim, cfg.optim.lr)
+            self.engine, *_ = deepspeed.initialize(
+                model=module, optimizer=self.optimizer, config=self.ds_config
+            )
+        except BaseException:
+            # Later models in this process (tests, the OOM retry) must not build under zero.Init.
+            self._forget_hf_ds_config()
+            raise
         self.model = self.engine
         if self.stage > 1 and self.sync == "per_cycle":
             self._check_coalescing()

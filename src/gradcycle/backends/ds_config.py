@@ -24,6 +24,33 @@ OWNED_SECTIONS = {
 }
 
 
+def pin_accelerator(device_type: str):
+    """Make DeepSpeed's accelerator the run's device, every time: DS_ACCELERATOR from the device
+    (never a stale value inherited from the environment), and the accelerator DeepSpeed may
+    already have picked when it was imported earlier in this process replaced if it differs.
+    Returns the accelerator."""
+    import os
+
+    os.environ["DS_ACCELERATOR"] = device_type
+    from deepspeed.accelerator import real_accelerator
+
+    current = real_accelerator.ds_accelerator
+    if current is None or current._name != device_type:
+        if device_type == "cuda":
+            from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator as Accelerator
+        else:
+            from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator as Accelerator
+        real_accelerator.set_accelerator(Accelerator())
+    return real_accelerator.get_accelerator()
+
+
+def deepspeed_supports_fp16(device_type: str) -> bool:
+    """DeepSpeed's own answer (its accelerator's `is_fp16_supported`) for the device the run will
+    use: its engine refuses fp16 at start-up otherwise ("Type fp16 is not supported on your
+    device."). CPUs differ: oneDNN has fp16 kernels on some x86 CPUs (AVX512-FP16/AMX) only."""
+    return bool(pin_accelerator(device_type).is_fp16_supported())
+
+
 def zero_stage(backend_cfg) -> int:
     return int(backend_cfg.name.removeprefix("zero"))
 
