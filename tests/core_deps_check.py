@@ -26,7 +26,7 @@ TINY = ["experiment=cpu_smoke", "data.max_documents=300", "logging.progress=fals
 
 
 def one_step_each(rank: int, world: int, root: str) -> list[tuple[str, str, float]]:
-    from gradcycle.config import compose
+    from gradcycle.compose import compose
     from gradcycle.trainer import run
 
     rows = []

@@ -318,6 +318,35 @@ def test_bf16_trains(spawn, job):
     assert min(r["loss"] for r in recs[2:]) < recs[0]["loss"]
 
 
+def test_bf16_zero1_accumulates_in_fp32_and_still_reduces_once_per_cycle(spawn):
+    # BF16_Optimizer adds each micro-batch's bf16 gradient into an fp32 buffer and all-reduces
+    # that sum once at the boundary, in bf16 (DeepSpeed's communication dtype): 2P bytes.
+    comm = spawn["records"]["zero1-bf16"][-1]["comm"]["all_reduce"]
+    assert comm["calls"] == 1 and comm["bytes"] == 2 * P
+
+
+def test_sync_plan_shows_overlap_and_accumulation_dtype(spawn):
+    plan = spawn["direct"]["zero2"]["plan"]
+    assert "reduction overlaps backward" in plan and "yes (overlap_comm)" in plan
+    assert "gradients accumulate in" in plan and "fp32" in plan
+
+
+def test_stale_ds_accelerator_in_the_environment_never_drives_the_run(monkeypatch):
+    import torch
+    from deepspeed.accelerator import get_accelerator, real_accelerator
+
+    from gradcycle.backends.deepspeed import import_deepspeed
+    from gradcycle.backends.ds_config import pin_accelerator
+
+    monkeypatch.setattr(real_accelerator, "ds_accelerator", real_accelerator.ds_accelerator)
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")  # left over from another job
+    import_deepspeed(torch.device("cpu"))
+    assert get_accelerator()._name == "cpu" and os.environ["DS_ACCELERATOR"] == "cpu"
+    # and a CPU accelerator DeepSpeed already chose is replaced for a CUDA run
+    assert pin_accelerator("cuda")._name == "cuda" and os.environ["DS_ACCELERATOR"] == "cuda"
+    assert pin_accelerator("cpu")._name == "cpu"
+
+
 def test_bf16_zero2_coalesces_gradient_reduction(spawn):
     # DeepSpeed 0.19 runs bf16 ZeRO-2 on its ZeRO optimizer, not the BF16_Optimizer wrapper, so
     # coalesce_grad_reduction works: at K=2 one bf16 gradient all-reduce (2P bytes), the G
@@ -387,6 +416,13 @@ def test_generated_config_sections():
     assert z["stage"] == 3 and z["reduce_bucket_size"] == 1000  # merged, not replaced
     assert z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
     assert z["stage3_param_persistence_threshold"] == 100
+    for stage in (1, 2, 3):  # gradient reduction overlaps backward on every stage
+        c = compose([*TINY, f"backend=zero{stage}"])
+        assert build_ds_config(c, _plan(c), on_gpu=False)["zero_optimization"]["overlap_comm"]
+    # bf16: ZeRO-1 accumulates in fp32 (BF16_Optimizer); ZeRO-2/3 have no such mode
+    z1, z2 = (compose([*TINY, f"backend={b}", "precision=bf16"]) for b in ("zero1", "zero2"))
+    assert build_ds_config(z1, _plan(z1), on_gpu=False)["data_types"]["grad_accum_dtype"] == "fp32"
+    assert "data_types" not in build_ds_config(z2, _plan(z2), on_gpu=False)
     cfg16 = compose([*TINY, "backend=zero2", "precision=fp16"])
     fp16 = build_ds_config(cfg16, _plan(cfg16), on_gpu=False)["fp16"]
     assert fp16["enabled"] and fp16["loss_scale"] == 0  # 0 = dynamic loss scaling
@@ -426,6 +462,8 @@ def test_batch_key_in_deepspeed_config_is_rejected(key):
      ["backend.param_persistence_threshold", "zero3"]),
     (["backend=ddp", "+backend.deepspeed_config.zero_optimization.stage=2"],
      ["backend.deepspeed_config", "backend=ddp"]),
+    (["backend=zero3", "precision=bf16", "+backend.deepspeed_config.data_types.grad_accum_dtype=fp32"],
+     ["grad_accum_dtype=fp32", "ignore it", "backend=zero1"]),
 ])  # fmt: skip
 def test_deepspeed_user_errors_before_any_process(overrides, words):
     msg = _error(overrides)

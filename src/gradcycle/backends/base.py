@@ -83,8 +83,8 @@ class Backend:
         """The plain model's full CPU state dict (HF keys) on rank 0; None on other ranks."""
         raise NotImplementedError
 
-    def close(self) -> None:
-        pass
+    def close(self, failing: bool = False) -> None:
+        """Release the backend; `failing`: an exception is on its way out (no collectives)."""
 
 
 def amp_dtype(precision: str) -> torch.dtype | None:

@@ -27,7 +27,13 @@ import torch
 import torch.distributed as dist
 
 from gradcycle.backends.base import Backend, StepResult, SyncPlan, build_optimizer
-from gradcycle.backends.ds_config import build_ds_config, pin_accelerator, resolve_sync, zero_stage
+from gradcycle.backends.ds_config import (
+    build_ds_config,
+    grad_accum_dtype,
+    pin_accelerator,
+    resolve_sync,
+    zero_stage,
+)
 from gradcycle.batching import plan_from_config
 from gradcycle.model import count_params
 from gradcycle.telemetry import CommCounter
@@ -173,6 +179,17 @@ class DeepSpeedBackend(Backend):
             rows.append(("parameter all-gather (per module)", f"every micro-batch: in forward and "
                          f"again in backward, {k}x-{2 * k}x per cycle"))  # fmt: skip
         rows.append(("grad-norm scalar all-reduce", "1x per cycle"))
+        rows.append(
+            (
+                "reduction overlaps backward",
+                "yes (overlap_comm)"
+                if self.ds_config["zero_optimization"].get("overlap_comm")
+                else "no",
+            )
+        )
+        accum = grad_accum_dtype(self.stage, self.cfg.precision, self.ds_config)
+        rows.append(("gradients accumulate in", accum + (" (DeepSpeed keeps ZeRO-2/3 gradients in "
+                     "the parameter dtype)" if accum == "bf16" and self.stage > 1 else "")))  # fmt: skip
         extra = "none"
         if self.stage == 1:
             extra = "none (ZeRO-1 keeps a full local gradient anyway)"
@@ -225,12 +242,13 @@ class DeepSpeedBackend(Backend):
                 out[key] = value.float() if value.is_floating_point() else value
         return out
 
-    def close(self) -> None:
+    def close(self, failing: bool = False) -> None:
         if getattr(self, "engine", None) is None:
             return
         self.engine.destroy()
-        # ZeRO-3 ranks occasionally abort at exit when one leaves while another still tears down.
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        # ZeRO-3 ranks occasionally abort at exit when one leaves while another still tears down;
+        # a failing rank skips the barrier: the others may be inside another collective.
+        if not failing and dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
         self.engine = self.model = None
         self._forget_hf_ds_config()
