@@ -12,7 +12,9 @@ from gradcycle.config import validate
 
 GROUPS = sorted(p.name for p in (ROOT / "conf").iterdir() if p.is_dir())
 # Groups whose options need a user value to be complete.
-NEEDS = {("data", "files"): [f"data.path={RAGGED_DATA}"], ("data", "hub"): [f"data.path={ROOT}"]}
+# data=tokens: config-level, any directory (its manifest is checked when the data is opened).
+NEEDS = {("data", "files"): [f"data.path={RAGGED_DATA}"], ("data", "hub"): [f"data.path={ROOT}"],
+         ("data", "tokens"): [f"data.path={ROOT}"]}  # fmt: skip
 
 
 def _options():
@@ -72,6 +74,6 @@ def test_model_presets_have_real_llama_shapes():
 
 
 def test_conf_dir_default_points_at_repo():
-    from gradcycle.config import default_conf_dir
+    from gradcycle.compose import default_conf_dir
 
     assert Path(default_conf_dir()) == ROOT / "conf"

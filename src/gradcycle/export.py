@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from gradcycle.checkpoint import check_files, read_meta, resolve
+from gradcycle.checkpoint_index import check_files, read_meta, resolve
 from gradcycle.safe_load import dcp_load, dcp_reader, weights_only_loads
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

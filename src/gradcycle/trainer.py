@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from gradcycle import checkpoint, distributed
+from gradcycle import checkpoint, distributed, hardware
 from gradcycle.backends import build_backend
 from gradcycle.batching import BatchPlan, lr_at, plan_from_config
 from gradcycle.config import validate
@@ -98,6 +98,7 @@ def run(cfg) -> dict:
     """Train according to `cfg` (a composed config). Returns the last step's record."""
     validate(cfg)  # every user error before anything starts or is written
     env = distributed.read_env()
+    cfg = hardware.resolve(cfg, distributed.device_type(cfg.device))  # hardware=auto: detect
     nodes = distributed.nodes_from_env() or cfg.nodes
     # train.micro_batch_size=auto / backend.sync=auto: the planner's choice, global batch kept
     cfg = plan_auto.resolve_auto(cfg, env.world_size, nodes)
@@ -242,7 +243,9 @@ def _run(cfg, env, nodes: int) -> dict:
         progress.close()
         sink.close()
         stop.uninstall()
-        backend.close()
+        # A failing rank must not wait in a teardown barrier the others never reach.
+        backend.close(failing=sys.exc_info()[0] is not None)
+        ckpt.wait_for_pruning()  # rank 0's background deletion of old checkpoints
     progress.summary(record)
     return record
 
@@ -250,7 +253,8 @@ def _run(cfg, env, nodes: int) -> dict:
 def _record(state, plan: BatchPlan, cfg, env, loss, result, n_tokens, dt, lr, fpt, device, comm,
             data_wait_s):  # fmt: skip
     tokens_per_s = n_tokens / dt if dt > 0 else 0.0
-    peak = cfg.hardware.bf16_tflops * 1e12 * env.world_size  # FLOP/s of all ranks together
+    # FLOP/s of all ranks together; an unknown device has no peak, hence no MFU (never a guess)
+    peak = (cfg.hardware.bf16_tflops or 0.0) * 1e12 * env.world_size
     return {
         "step": state.step,
         "loss": loss,
@@ -264,8 +268,8 @@ def _record(state, plan: BatchPlan, cfg, env, loss, result, n_tokens, dt, lr, fp
         "step_time_s": dt,
         "data_wait_s": data_wait_s,  # of step_time_s: waiting for this cycle's micro-batches
         "tokens_per_s": tokens_per_s,
-        "mfu": fpt[0] * tokens_per_s / peak,
-        "hfu": fpt[1] * tokens_per_s / peak,  # + recomputed forwards (activation checkpointing)
+        "mfu": fpt[0] * tokens_per_s / peak if peak else None,
+        "hfu": fpt[1] * tokens_per_s / peak if peak else None,  # + activation recompute
         "peak_mem_bytes": peak_memory_bytes(device),
         "skipped": bool(result.skipped),
         "skipped_steps": state.skipped_steps,
@@ -295,6 +299,10 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f}GiB"
 
 
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
 class _progress:
     """tqdm on rank 0 only (step, loss, tokens/s, MFU, peak memory); silent elsewhere."""
 
@@ -318,12 +326,12 @@ class _progress:
                 self.note(f"step {r['step']}: first loss {r['loss']:.4f}")
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{r['loss']:.3f}", tok_s=f"{r['tokens_per_s']:.0f}",
-                                 mfu=f"{r['mfu']:.1%}", mem=_gib(r["peak_mem_bytes"]),
+                                 mfu=_pct(r["mfu"]), mem=_gib(r["peak_mem_bytes"]),
                                  refresh=False)  # fmt: skip
             self.bar.update(1)
         if self.main and (r["step"] % self.every == 0):
             self.note(f"step {r['step']}: loss {r['loss']:.4f} grad_norm {r['grad_norm']:.3f} "
-                      f"lr {r['lr']:.2e} tokens/s {r['tokens_per_s']:.0f} mfu {r['mfu']:.1%} "
+                      f"lr {r['lr']:.2e} tokens/s {r['tokens_per_s']:.0f} mfu {_pct(r['mfu'])} "
                       f"peak mem {_gib(r['peak_mem_bytes'])}")  # fmt: skip
         if "profile" in r:
             p = r["profile"]

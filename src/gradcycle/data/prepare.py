@@ -324,7 +324,8 @@ def prepare_config(cfg, out: Path | None = None, progress: bool = True) -> tuple
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gradcycle.config import EXIT_USAGE, compose, user_error, validate
+    from gradcycle.compose import EXIT_USAGE, compose, user_error
+    from gradcycle.config import validate
 
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):

@@ -110,7 +110,7 @@ def shard_size(cfg, backend: str, world: int, nodes: int) -> int:
 
 
 def budget_bytes(cfg) -> float:
-    return (cfg.hardware.memory_gb - cfg.hardware.reserved_gb) * GIB
+    return (cfg.hardware.memory_gb - (cfg.hardware.reserved_gb or 0.0)) * GIB
 
 
 def _ds_zero(cfg) -> dict:
@@ -185,11 +185,13 @@ def evaluate(cfg, shape: Shape, world: int, nodes: int, micro: int, sync: str,
     )  # fmt: skip
     colls = collectives(setup, max(1, world // nodes))
     hw = cfg.hardware
-    # hardware=cpu has no interconnect worth modelling (gloo, test runs): communication is not
-    # timed there, so auto never trades memory for it and keeps each backend's default.
-    timed = [] if hw.name == "cpu" else colls
-    t = step_time(setup, timed, hw.bf16_tflops, hw.intra_node_gbps, hw.inter_node_gbps,
-                  cfg.plan.mfu)  # fmt: skip
+    # hardware=cpu has no interconnect worth modelling (gloo, test runs), and a device without a
+    # profile has no known peak: communication is not timed there, so auto never trades memory
+    # for it and keeps each backend's default (compute is then timed at a nominal 1 TFLOP/s).
+    known = hw.name != "cpu" and bool(hw.bf16_tflops and hw.intra_node_gbps and hw.inter_node_gbps)
+    timed = colls if known else []
+    t = step_time(setup, timed, hw.bf16_tflops or 1.0, hw.intra_node_gbps or 1.0,
+                  hw.inter_node_gbps or 1.0, cfg.plan.mfu)  # fmt: skip
     return Candidate(setup, estimate(setup), colls, t, ac)
 
 
@@ -228,6 +230,11 @@ def _configured_ac(cfg) -> tuple[str, int]:
 def make_plan(cfg, world: int | None = None, nodes: int | None = None, vocab=None,
               searches: bool = True) -> Plan:  # fmt: skip
     """The configured run, what `auto` picks, the recommendation; `searches=False`: the first."""
+    if cfg.hardware.name == "auto":  # a training run resolves it first; the CLI sizes a target
+        from gradcycle import hardware
+        from gradcycle.distributed import device_type
+
+        cfg = hardware.resolve(cfg, device_type(cfg.device), for_planner=True)
     world, nodes, _ = topology(cfg, world, nodes)
     shape = shape_from_config(cfg, vocab)
     budget = budget_bytes(cfg)
@@ -376,7 +383,8 @@ def _smallest(plan: Plan) -> Candidate:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gradcycle.config import EXIT_USAGE, compose, user_error, validate
+    from gradcycle.compose import EXIT_USAGE, compose, user_error
+    from gradcycle.config import validate
     from gradcycle.planner.report import render_json, render_text
 
     argv = sys.argv[1:] if argv is None else argv
@@ -387,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = compose(argv)
         validate(cfg)
         plan = make_plan(cfg)
+        cfg = plan.cfg  # hardware=auto resolved
     except Exception as e:
         message = user_error(e)
         if message is None:
