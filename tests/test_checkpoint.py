@@ -139,6 +139,29 @@ def test_bad_checkpoints_are_refused_naming_the_file(tmp_path, capsys):
     assert not (tmp_path / "pwned").exists()
 
 
+def test_resume_on_other_data_is_refused_unless_allowed(tmp_path, capsys):
+    """trainer.json records the prepared dataset's fingerprint and the samples consumed; another
+    dataset (here: the first 200 documents instead of 300) is refused by name, exit 2, run dir
+    untouched; data.allow_changed=true continues on it."""
+    from gradcycle.cli import main
+
+    run = tmp_path / "run"
+    train_steps(run, ["train.max_steps=2", "checkpoint.every=1"])
+    meta = json.loads((run / "checkpoints/step_2/trainer.json").read_text())
+    fingerprint = meta["dataset"]["fingerprint"]
+    assert meta["dataset"]["samples_consumed"] == 2 * 8 and len(fingerprint) == 16
+    before = _snapshot(run)
+    other = ["train.max_steps=3", "resume=auto", "data.max_documents=200"]
+    code = main([*TINY, f"run_dir={run}", *other], str(ROOT / "conf"))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    for word in ("step_2/trainer.json", fingerprint, "16 samples consumed", "data.allow_changed"):
+        assert word in err, (word, err)
+    assert _snapshot(run) == before
+    resumed = train_steps(run, [*other, "data.allow_changed=true"])  # metrics.jsonl: all steps
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+
+
 class _Exploit:
     def __init__(self, path):
         self.path = path

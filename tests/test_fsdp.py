@@ -24,6 +24,7 @@ MESHES = {  # 2 ranks
     "hsdp2x1": ["backend=hsdp", "backend.replicate=2"],  # replicate 2 x shard 1
 }
 MICRO = {1: 4, 4: 1}  # K -> micro-batch size: global 8 = micro x K x 2 ranks
+DOCMASK = ("data.packing=true", "data.document_mask=true")  # the ragged documents packed, masked
 
 
 def _job(mesh, policy, k, optim="sgd", *extra):
@@ -42,7 +43,8 @@ JOBS = dict(
        _job("fsdp", "per_cycle", 4, "sgd", "precision=bf16"),
        _job("hsdp1x2", "per_micro", 4, "sgd", "precision=bf16"),
        # an eval forward after every step must leave per_cycle training untouched
-       _job("fsdp", "per_cycle", 4, "sgd", "train.eval_every=1", "train.eval_batches=2")]
+       _job("fsdp", "per_cycle", 4, "sgd", "train.eval_every=1", "train.eval_batches=2"),
+       _job("fsdp", "per_cycle", 4, "sgd", *DOCMASK)]
 )  # fmt: skip
 
 
@@ -125,10 +127,12 @@ def two_ranks(tmp_path_factory):
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp_ref")
-    return {
+    refs = {
         optim: train_steps(root / optim, [*STEPS, f"optim={optim}", "train.micro_batch_size=8"])
         for optim in ("sgd", "adamw")
     }
+    refs["docmask"] = train_steps(root / "docmask", [*STEPS, *DOCMASK, "train.micro_batch_size=8"])
+    return refs
 
 
 @pytest.fixture(scope="module")
@@ -230,13 +234,26 @@ def _rel(a: float, b: float) -> float:
 def test_losses_and_grad_norms_match_one_process(two_ranks, references, optim):
     ref = references[optim]
     runs = {k: r for k, r in two_ranks["records"].items()
-            if isinstance(k, tuple) and k[3] == optim and "precision=bf16" not in k}  # fmt: skip
+            if isinstance(k, tuple) and k[3] == optim and "precision=bf16" not in k
+            and DOCMASK[1] not in k}  # fmt: skip
     assert len(runs) == (18 if optim == "sgd" else 6)  # every fp32 job
     for key, records in runs.items():
         assert [r["tokens"] for r in records] == [r["tokens"] for r in ref], key
         for got, want in zip(records, ref, strict=True):
             assert _rel(got["loss"], want["loss"]) < 1e-5, (key, got["loss"], want["loss"])
             assert _rel(got["grad_norm"], want["grad_norm"]) < 1e-5, (key, got, want)
+
+
+@pytest.mark.slow
+def test_document_masking_matches_one_process(two_ranks, references):
+    """Packed rows with document masking (4-D attention mask, position ids) sharded, K=4."""
+    records = two_ranks["records"][("fsdp", "per_cycle", 4, "sgd", *DOCMASK)]
+    for got, want in zip(records, references["docmask"], strict=True):
+        assert got["tokens"] == want["tokens"]
+        assert (
+            _rel(got["loss"], want["loss"]) < 1e-5
+            and _rel(got["grad_norm"], want["grad_norm"]) < 1e-5
+        )
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ on CUDA) and are widened to int64 on the device after a non-blocking copy.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,15 @@ def collate(samples: list, pad_id: int, document_mask: bool = False) -> HostBatc
     return HostBatch(rows, targets, seq_lens)
 
 
+def _worker_context():
+    """fork on Linux: a worker starts in milliseconds and needs nothing re-imported (spawn or
+    forkserver, the default where a launcher set it or from Python 3.14, re-import torch and the
+    main module per worker: seconds). Workers only read memory-mapped files, never CUDA."""
+    import multiprocessing
+
+    return multiprocessing.get_context("fork") if sys.platform == "linux" else None
+
+
 def _as_is(item):  # DataLoader's default would turn the numpy arrays into shared-memory tensors
     return item
 
@@ -163,6 +173,7 @@ class CycleLoader:
             num_workers=workers, pin_memory=device.type == "cuda",
             prefetch_factor=data_cfg.prefetch_factor if workers else None,
             persistent_workers=workers > 0, collate_fn=_as_is,
+            multiprocessing_context=_worker_context() if workers else None,
         )  # fmt: skip
         self._it = iter(self.loader)
 

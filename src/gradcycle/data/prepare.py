@@ -17,6 +17,7 @@ holds out round(n * f) documents spread evenly over the source (f = data.val_fra
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
 import shutil
@@ -83,8 +84,12 @@ def _batches(docs, first: int):
 
 
 def _encoded(batches, num_proc: int, init_args: tuple):
-    """Results in source order: inline for one process, else a bounded window of tasks."""
-    if num_proc <= 1:
+    """Results in source order: inline for one process (or one batch), else a bounded window of
+    tasks in `num_proc` processes."""
+    batches = iter(batches)
+    head = list(itertools.islice(batches, 2))
+    batches = itertools.chain(head, batches)
+    if num_proc <= 1 or len(head) < 2:  # a small source is not worth starting processes for
         _init_worker(*init_args)
         for first, texts in batches:
             yield len(texts), _encode(first, texts)
@@ -118,7 +123,7 @@ def _fault_hook():
 def request(source: Source, info: dict, dtype: str, val_fraction: float) -> dict:
     """What was asked for; equal requests give equal prepared data (the cache key)."""
     req = {"format_version": fmt.FORMAT_VERSION, "source": source.describe(),
-           "source_fingerprint": source.fingerprint(), "tokenizer_hash": info["hash"],
+           "source_fingerprint": source.fingerprint, "tokenizer_hash": info["hash"],
            "dtype": dtype, "val_fraction": val_fraction}  # fmt: skip
     req["key"] = hashlib.sha256(repr(sorted(req.items())).encode()).hexdigest()[:16]
     return req

@@ -8,6 +8,7 @@ a whole file for stdlib and .txt, one row's `data.text_field` otherwise.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -29,11 +30,16 @@ def cache_root(data_cfg) -> Path:
     return path
 
 
+@functools.cache
 def stdlib_files() -> list[str]:
     """The Python standard library's own sources: an embedded corpus that needs no download."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = sysconfig.get_paths()["stdlib"]
     skip = {"site-packages", "test", "tests", "idlelib", "lib2to3"}
-    return sorted(str(p) for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
+    found = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in skip]  # pruned, not walked (site-packages is big)
+        found += [os.path.join(folder, n) for n in names if n.endswith(".py")]
+    return sorted(found)
 
 
 def data_files(path: str) -> tuple[str, list[str]]:
@@ -96,6 +102,7 @@ class Source:
         return {"name": self.name, "path": self.path, "text_field": self.text_field,
                 "split": self.split, "max_documents": self.max_documents}  # fmt: skip
 
+    @functools.cached_property
     def fingerprint(self) -> str:
         """Changes when the documents may have: files by (path, size, mtime); a hub id by name."""
         key: dict = {**self.describe()}

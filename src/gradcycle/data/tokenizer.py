@@ -95,7 +95,7 @@ def source_tokenizer(cfg, source, cache: Path) -> tuple[object, str]:
     if found is not None:
         return found
     name = f"bpe{cfg.data.vocab_size}"
-    out = cache / "tokenizers" / f"{name}-{source.fingerprint()}"
+    out = cache / "tokenizers" / f"{name}-{source.fingerprint}"
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
         if not (out / "tokenizer.json").is_file():
