@@ -242,12 +242,12 @@ def _resume(out: Path, state: dict | None, dtype: str):
     return writers, int((state or {}).get("documents_consumed", 0))
 
 
+_LEFTOVERS = (".tmp-", "tokens-", "docs-", "val-")
+
+
 def _ours(name: str) -> bool:
     """A file an interrupted prepare may leave behind (temporary files, shards, state)."""
-    return name.startswith((".tmp-", "tokens-", "docs-", "val-")) or name in (
-        STATE,
-        fmt.TOKENIZER_DIR,
-    )
+    return name.startswith(_LEFTOVERS) or name in (STATE, fmt.TOKENIZER_DIR)
 
 
 def _clean(out: Path, keep: set[str]) -> None:
