@@ -195,8 +195,10 @@ def prepare(
     fault = _fault_hook() if os.environ.get("GRADCYCLE_FAULT") else None
     shard_bytes = max(1, int(shard_mb * 2**20))
     init = (tokenizer.backend_tokenizer.to_str(), info["eos_id"], dtype, val_fraction)
-    bar = _Progress(source.total_bytes(), progress, consumed)
     docs = source.documents(skip=consumed)
+    head = list(itertools.islice(docs, 1))  # opens the source: imports and setup are not timed
+    docs = itertools.chain(head, docs)
+    bar = _Progress(source.total_bytes(), progress, consumed)
     for n_docs, enc in _encoded(_batches(docs, consumed), max(1, num_proc), init):
         for split in fmt.SPLITS:
             writers[split].add(*enc[split])

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 EXT_BUILDER = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
-_ROWS_PER_READ = 1000
+_ROWS_PER_READ = 128  # rows per read: memory ~ rows x document size, never the corpus
 
 
 def cache_root(data_cfg) -> Path:
