@@ -354,7 +354,7 @@ def test_two_rank_peak_prediction_within_15_percent():
     from multiproc import run_on_ranks
 
     cases = [mc.case("h128-L4", "ddp", 4, 2), mc.case("h128-L4", "fsdp", 4, 2),
-             mc.case("h128-L4", "fsdp", 8, 2, ac="full")]  # fmt: skip
+             mc.case("h128-L4", "fsdp", 8, 2, ac="full"), mc.case("h128-L4", "zero3", 4, 2)]  # fmt: skip
     rows = mc.max_over_ranks(run_on_ranks(mc.measure, 2, args=(cases,)))
     for name, _, measured, predicted, _, _ in rows:
         assert abs(predicted - measured) / measured < 0.15, (name, measured, predicted)

@@ -145,10 +145,13 @@ def micro_options(cfg, world: int) -> list[int]:
 
 
 def make_setup(cfg, shape: Shape, world: int, nodes: int, micro: int, sync: str,
-               ac: tuple[str, int], backend: str | None = None) -> Setup:  # fmt: skip
+               ac: tuple[str, int], backend: str | None = None,
+               zero: ZeroSettings | None = None) -> Setup:  # fmt: skip
     from gradcycle.model import checkpointed_layers
 
     b = backend or cfg.backend.name
+    if zero is None:
+        zero = zero_settings(cfg, b) if b.startswith("zero") else ZeroSettings()
     return Setup(
         shape=shape, seq=cfg.data.seq_len, micro=micro,
         accumulation=max(1, global_batch(cfg, world) // (micro * world)),
@@ -158,5 +161,5 @@ def make_setup(cfg, shape: Shape, world: int, nodes: int, micro: int, sync: str,
         reduce_dtype=cfg.backend.reduce_dtype,
         offload_optimizer=cfg.backend.offload_optimizer and b.startswith("zero"),
         offload_param=cfg.backend.offload_param and b == "zero3",
-        zero=zero_settings(cfg, b) if b.startswith("zero") else ZeroSettings(),
+        zero=zero,
     )  # fmt: skip

@@ -26,6 +26,7 @@ from gradcycle.planner.inputs import (
     shape_from_config,
     sync_options,
     topology,
+    zero_settings,
 )
 from gradcycle.planner.memory import GIB, Estimate, Setup, Shape, estimate
 
@@ -69,8 +70,9 @@ class Plan:
 
 
 def evaluate(cfg, shape: Shape, world: int, nodes: int, micro: int, sync: str,
-             ac: tuple[str, int], backend: str | None = None) -> Candidate:  # fmt: skip
-    setup = make_setup(cfg, shape, world, nodes, micro, sync, ac, backend)
+             ac: tuple[str, int], backend: str | None = None, zero=None) -> Candidate:  # fmt: skip
+    """One cut; `zero`: the backend's ZeroSettings when the caller already has them."""
+    setup = make_setup(cfg, shape, world, nodes, micro, sync, ac, backend, zero)
     colls = collectives(setup, max(1, world // nodes))
     hw = cfg.hardware
     # hardware=cpu has no interconnect worth modelling (gloo, test runs): communication is not
@@ -83,13 +85,15 @@ def evaluate(cfg, shape: Shape, world: int, nodes: int, micro: int, sync: str,
 
 def search(cfg, shape, world, nodes, acs, limit: float, backend=None) -> Candidate | None:
     """The best candidate under `limit` bytes, or None."""
-    syncs = sync_options(cfg, backend or cfg.backend.name, world)
+    b = backend or cfg.backend.name
+    syncs = sync_options(cfg, b, world)
+    zero = zero_settings(cfg, b) if b.startswith("zero") else None  # once, not per cut
     fitting = [
         c
         for micro in micro_options(cfg, world)
         for sync in syncs
         for ac in acs
-        if (c := evaluate(cfg, shape, world, nodes, micro, sync, ac, backend)).est.peak <= limit
+        if (c := evaluate(cfg, shape, world, nodes, micro, sync, ac, b, zero)).est.peak <= limit
     ]
     return min(fitting, key=Candidate.key) if fitting else None
 

@@ -4,16 +4,15 @@ Pure arithmetic (no torch, no DeepSpeed import). docs/planner.md cites the funct
 deepspeed 0.19.8 that each term follows; in short:
 
 - ZeRO-3 keeps each parameter's 16-bit partition (ceil(numel/W) elements), an fp32 master copy of
-  it (a copy in fp32 runs too: the aliasing branch compares a torch.device with a string, which
-  is never equal), Adam's two fp32 moments,
-  one flat gradient-partition buffer in the accumulation dtype (`grad_partitions_flat_buffer`)
-  and one `reduce_bucket_size` reduction bucket, all allocated at start-up. Parameters of at most
-  `stage3_param_persistence_threshold` elements stay gathered.
+  it (fp32 runs too: the aliasing branch compares a torch.device with a string, never equal),
+  Adam's two fp32 moments, one flat gradient-partition buffer in the accumulation dtype
+  (`grad_partitions_flat_buffer`) and one `reduce_bucket_size` reduction bucket, all allocated
+  at start-up. Parameters of at most `stage3_param_persistence_threshold` elements stay gathered.
 - Gathered parameters follow the parameter coordinator: a module's parameters are gathered for
   its forward or backward and released afterwards unless they are used again within
-  `stage3_max_reuse_distance` elements of the recorded module trace; prefetches gather up to
-  `stage3_prefetch_bucket_size` elements ahead, bounded by `stage3_max_live_parameters`. That
-  rule is replayed over the model's module trace (`gathered`).
+  `stage3_max_reuse_distance` elements of the recorded module trace; every module's fetch also
+  prefetches up to `stage3_prefetch_bucket_size` elements ahead while fewer than
+  `stage3_max_live_parameters` are gathered. `gathered` replays that over the model's trace.
 - The optimizer step runs one sub-group (`sub_group_size` elements) at a time: its gradient is
   flattened (16 bits) and converted to fp32 for the step, and freed after it. AdamW is torch's
   fused kernel (backends/base.py): it updates in place, without foreach temporaries.
@@ -26,6 +25,7 @@ deepspeed 0.19.8 that each term follows; in short:
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -93,6 +93,14 @@ def _partition(numel: int, world: int) -> int:
     return math.ceil(numel / world)
 
 
+@lru_cache(maxsize=256)
+def _partitions(s: Shape, world: int) -> tuple[int, int]:
+    """(elements of all partitions on one rank, elements of the largest parameter)."""
+    tensors = _tensors(s)
+    return sum(_partition(r * c, world) for r, c in tensors), max(r * c for r, c in tensors)
+
+
+@lru_cache(maxsize=256)
 def largest_sub_group(s: Shape, z: ZeroSettings, world: int) -> int:
     """Elements of the largest optimizer sub-group: each parameter group (weights with decay,
     1-D weights without) is cut after the partition that reaches sub_group_size."""
@@ -112,9 +120,8 @@ def model_states(setup: Setup, z: ZeroSettings, k: int) -> dict[str, float]:
     optimizer's bytes of state per parameter."""
     s, n, w = setup.shape, setup.num, setup.world
     stage = int(setup.backend[-1])
-    tensors = _tensors(s)
     psi = s.n_params
-    part = sum(_partition(r * c, w) for r, c in tensors)
+    part = _partitions(s, w)[0]
     grad = z.grad_accum or n.grad
     optimizer = 0.0 if setup.offload_optimizer else part * (4 + k)
     if stage < 3:  # ZeRO-2 with offload accumulates its partition on the host
@@ -175,6 +182,13 @@ def gathered(s: Shape, checkpointed: tuple[int, ...], z: ZeroSettings, world: in
     persist = {p for p, n in enumerate(numel) if n <= z.persistence}
     size = [_partition(n, world) * world for n in numel]  # a gathered buffer is padded
     queue = [(p, t) for t, (_, mods) in enumerate(trace) for p in mods]
+    uses: dict[int, list[int]] = {}  # trace positions where each parameter is used, ascending
+    for t, (_, mods) in enumerate(trace):
+        for p in mods:
+            uses.setdefault(p, []).append(t)
+    cum = [0]  # elements used by the trace before each position
+    for _, mods in trace:
+        cum.append(cum[-1] + sum(numel[p] for p in mods))
     pos, available, live = 0, set(), 0
     last_fetched: dict[int, int] = {}
     # prefetches of several parameters share one flat buffer; the first wait copies every
@@ -195,30 +209,29 @@ def gathered(s: Shape, checkpointed: tuple[int, ...], z: ZeroSettings, world: in
         for _ in range(sum(last_fetched.get(p, -1) < t for p in mods)):
             q, step = queue[pos]
             pos, last_fetched[q] = pos + 1, step
-        budget, fetch = min(z.max_live - live, z.prefetch_bucket), []
-        while pos < len(queue) and sum(size[p] for p in fetch) < budget:
+        budget, fetch, fetched = min(z.max_live - live, z.prefetch_bucket), [], 0
+        while pos < len(queue) and fetched < budget:
             q, step = queue[pos]
             pos += 1
             last_fetched[q] = max(last_fetched.get(q, -1), step)
             if q not in available and q not in persist and q not in fetch:
                 fetch.append(q)
+                fetched += size[q]
         available.update(fetch)
-        live += sum(size[p] for p in fetch)
+        live += fetched
         if len(fetch) > 1:
-            staging.append([sum(size[p] for p in fetch), set(fetch), False])
+            staging.append([fetched, set(fetch), False])
         now = live + sum(g[0] for g in staging if g[2])
         out[part] = max(out[part], now)
         if part == "forward" and trace[t + 1][0] != "forward":  # the head: logits, loss
             out["at_loss"] = now
-        # release, unless reused within max_reuse elements or a prefetch already passed a reuse
-        keep, seen = set(), 0
-        for _, later in trace[t + 1 :]:
-            if seen >= z.max_reuse:
-                break
-            keep.update(later)
-            seen += sum(numel[q] for q in later)
+        # release, unless reused within max_reuse elements (the modules after this one whose
+        # predecessors use fewer) or a prefetch already passed a reuse
+        horizon = bisect_left(cum, cum[t + 1] + z.max_reuse) - 1  # last module still looked at
         for p in mods:
-            if p in available and p not in keep and last_fetched.get(p, -1) <= t + 1:
+            later = uses[p][bisect_right(uses[p], t) :]
+            reused = bool(later) and later[0] <= horizon
+            if p in available and not reused and last_fetched.get(p, -1) <= t + 1:
                 available.discard(p)
                 live -= size[p]
     return out
@@ -240,8 +253,7 @@ def temporaries(setup: Setup, z: ZeroSettings) -> dict[str, float]:
     bucket = z.reduce_bucket * comm
     # the reduce-scatter input: the bucket's gradients copied out with padding (torch.cat)
     reduce_copy = min(z.reduce_bucket, psi) * comm if w > 1 else 0.0
-    largest = max(r * c for r, c in _tensors(s))
-    part = sum(_partition(r * c, w) for r, c in _tensors(s))
+    part, largest = _partitions(s, w)
     if stage == 3:
         out["static"] = bucket
         live = gathered(s, tuple(setup.checkpointed), z, w)
