@@ -190,8 +190,10 @@ def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
         raise ValueError(f"{name}={value} is out of range: it must be {bound}")
 
 
-def validate(cfg: Any) -> None:
-    """Check every user-facing value; raise ValueError naming the field and the fix."""
+def validate(cfg: Any, this_machine: bool = True) -> None:
+    """Check every user-facing value; raise ValueError naming the field and the fix.
+    `this_machine=False` (the planner, sizing a target cluster) skips the checks that ask this
+    machine's devices (DeepSpeed's fp16 support)."""
     _one_of("precision", cfg.precision, ("fp32", "bf16", "fp16"))
     _one_of("device", cfg.device, ("auto", "cpu", "cuda"))
     _one_of("backend.name", cfg.backend.name, BACKENDS)
@@ -315,7 +317,7 @@ def validate(cfg: Any) -> None:
     from gradcycle.backends.ds_config import check_user_config
 
     check_user_config(cfg)  # DeepSpeed's own rules (batch keys, sync), before any process group
-    if cfg.precision == "fp16" and cfg.backend.name.startswith("zero"):
+    if this_machine and cfg.precision == "fp16" and cfg.backend.name.startswith("zero"):
         from gradcycle.backends.ds_config import deepspeed_supports_fp16
         from gradcycle.distributed import device_type
 
