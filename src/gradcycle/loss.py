@@ -9,7 +9,7 @@ to the chunk's summed cross-entropy in fp32 and freed. When a gradient is wanted
 gradients (hidden states and head weight) are computed in the same pass from its softmax, before
 its logits are freed, so backward only scales them: no recomputed logits, the same matmuls as the
 full path, and peak loss memory ~ one chunk x vocabulary in fp32 plus the head's gradient
-(accumulated in fp32 over chunks).
+(accumulated over chunks in the head's dtype, as liger-kernel does).
 
 `liger` calls liger-kernel's fused linear cross-entropy (CUDA; same contract).
 
@@ -58,6 +58,12 @@ def summed_token_ce(model, batch: dict, impl: str = "chunked", chunk_tokens: int
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     out = model(**inputs, loss_targets=targets, loss_impl=impl, loss_chunk_tokens=chunk_tokens)
     return out.loss
+
+
+def liger_usable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None and torch.cuda.is_available()
 
 
 def check_liger(device: str) -> None:
@@ -169,10 +175,10 @@ def _chunks(h, weight, bias, t, chunk: int, dtype, wants):
     b = bias.to(dtype) if bias is not None else None
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     grad_h = torch.empty(h.shape, dtype=dtype, device=h.device) if want_h else None
-    # The head's gradient is kept in fp32: one fp32 chunk writes it directly, several chunks or
-    # 16-bit matmuls accumulate into it (backward scales it exactly, then casts it).
-    accumulate = want_w and (n_tokens > chunk or dtype != torch.float32)
-    grad_w = torch.zeros(w.shape, dtype=torch.float32, device=h.device) if accumulate else None
+    # The head's gradient accumulates over chunks in the head's own dtype (as liger-kernel does):
+    # addmm rounds once per chunk; one chunk writes it directly.
+    several = n_tokens > chunk
+    grad_w = torch.zeros_like(weight) if want_w and several else None
     grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=h.device) if want_b else None
     for start in range(0, n_tokens, chunk):
         hc = h[start : start + chunk].to(dtype)
@@ -181,30 +187,37 @@ def _chunks(h, weight, bias, t, chunk: int, dtype, wants):
         if b is not None:
             logits += b
         logits = logits.float()  # no copy when the matmul ran in fp32
-        lse = torch.logsumexp(logits, dim=-1)
         valid = tc != IGNORE_INDEX
         tgt = torch.where(valid, tc, 0).unsqueeze(1)
         picked = logits.gather(1, tgt).squeeze(1)
+        # log-sum-exp in place (torch.logsumexp would allocate a second chunk x vocab buffer)
+        top = logits.amax(dim=1, keepdim=True)
+        p = logits.sub_(top).exp_()
+        norm = p.sum(dim=1, keepdim=True)
+        lse = (top + norm.log()).squeeze(1)
         total += torch.where(valid, lse - picked, 0.0).sum()
+        del logits  # p: the same buffer; it must be gone before the next chunk's is allocated
         if not any(wants):
+            del p
             continue
         # d(sum CE)/d logits = softmax - onehot(target), zero for ignored positions; in place
-        p = logits.sub_(lse.unsqueeze(1)).exp_()
+        p.div_(norm)
         p.masked_fill_(~valid.unsqueeze(1), 0.0)
         p.scatter_add_(1, tgt, -valid.unsqueeze(1).to(p.dtype))
         g = p.to(dtype)
-        del logits, p
+        del p
         if want_h:
             torch.mm(g, w, out=grad_h[start : start + chunk])
         if want_w:
             if grad_w is None:
                 grad_w = g.t() @ hc
-            elif dtype == torch.float32:
+            elif grad_w.dtype == dtype:
                 grad_w.addmm_(g.t(), hc)
-            else:
+            else:  # autocast: an fp32 head, 16-bit matmuls
                 grad_w += g.t() @ hc
         if want_b:
             grad_b += g.sum(0, dtype=torch.float32)
+        del g
     return total, grad_h, grad_w, grad_b
 
 
@@ -217,25 +230,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
         wants = tuple(ctx.needs_input_grad[:3])
         with _no_autocast(h):
             total, grad_h, grad_w, grad_b = _chunks(h, weight, bias, targets, chunk, dtype, wants)
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        # Held on ctx, not saved tensors: backward drops them, so the head's gradient is handed
+        # to autograd without a second reference (accumulated in place, not copied).
+        ctx.grads = [grad_h, grad_w, grad_b]
         ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.used = False
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        if ctx.used:
+        if ctx.grads is None:
             raise RuntimeError(
                 "backward ran twice through the chunked loss (retain_graph=True): its gradients "
                 "are computed once in forward; use loss.impl=full for double backward"
             )
-        ctx.used = True
+        saved, ctx.grads = ctx.grads, None
         grads = []
-        for g, dtype in zip(ctx.saved_tensors, ctx.dtypes, strict=True):
-            if g is not None:
-                # Scaled in fp32 (a 16-bit scale factor would bias the whole gradient); in place
-                # where it is fp32: the saved gradient is this node's alone.
-                g = g.mul_(grad_total) if g.dtype == torch.float32 else g.float() * grad_total
-                g = g.to(dtype)
-            grads.append(g)
+        while saved:
+            g, dtype = saved.pop(0), ctx.dtypes[len(grads)]
+            # In place: the fp32 factor is applied in fp32 to each element, also for 16-bit
+            # gradients (tests/test_loss.py checks it).
+            grads.append(None if g is None else g.mul_(grad_total).to(dtype))
+            del g
         return (*grads, None, None, None)

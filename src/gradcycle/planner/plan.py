@@ -179,6 +179,7 @@ def evaluate(cfg, shape: Shape, world: int, nodes: int, micro: int, sync: str,
         reduce_bucket=int(zero.get("reduce_bucket_size", 5e8)),
         prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", 5e7)),
         max_live=int(zero.get("stage3_max_live_parameters", 1e9)),
+        loss=cfg.loss.impl, loss_chunk=cfg.loss.chunk_tokens,
         persistence=int(cfg.backend.param_persistence_threshold
                         if cfg.backend.param_persistence_threshold is not None
                         else zero.get("stage3_param_persistence_threshold", 1e5)),
