@@ -297,3 +297,48 @@ def test_liger_matches_chunked_on_cuda():
         results.append((value.detach(), *torch.autograd.grad(value / 3.0, (h, w))))
     for a, b in zip(*results, strict=True):
         assert (a - b).norm() <= 1e-5 * b.norm(), (a, b)
+
+
+# -- the planner ----------------------------------------------------------------------------------
+PLAN_7B = ["model=llama-7b", "hardware=a100-40gb", "backend=fsdp", "precision=bf16",
+           "data.seq_len=2048", "train.global_batch_size=2048", "nodes=1",
+           "activation_checkpointing.mode=full"]  # fmt: skip
+
+
+def _candidates(impl: str, micros, *extra: str) -> list:
+    from gradcycle.planner import plan
+
+    cfg = compose([*PLAN_7B, f"loss.impl={impl}", *extra])
+    shape = plan.shape_from_config(cfg)
+    limit = cfg.plan.headroom * plan.budget_bytes(cfg)
+    cands = [plan.evaluate(cfg, shape, 8, 1, m, "per_micro", ("full", 2)) for m in micros]
+    return [(c, c.est.peak <= limit) for c in cands]
+
+
+def test_planner_models_one_chunk_and_the_head_gradient():
+    from gradcycle.planner.memory import activations
+
+    (full, _), (chunked, _) = (_candidates(impl, [16])[0] for impl in ("full", "chunked"))
+    assert (full.setup.loss, chunked.setup.loss, chunked.setup.loss_chunk) == ("full", "chunked",
+                                                                                2048)  # fmt: skip
+    v, h, tokens = 32000, 4096, 16 * 2048
+    a_full, a_chunk = activations(full.setup), activations(chunked.setup)
+    # full: bf16 logits + fp32 copy + fp32 log-softmax; then 3 fp32 buffers at backward start
+    assert (a_full["loss_forward"], a_full["loss_backward"]) == (10 * tokens * v, 12 * tokens * v)
+    # chunked: one chunk's fp32 logits beside their bf16 matmul output, the head's bf16 gradient
+    assert a_chunk["loss_forward"] == 6 * 2048 * v + 2 * v * h
+    assert a_chunk["loss_backward"] == 2 * v * h
+    assert a_chunk["loss_backward"] <= a_full["loss_backward"] / 8
+    assert full.est.phase == "backward start" and chunked.est.peak < full.est.peak
+
+
+def test_planner_fits_a_larger_micro_batch():
+    """7B with full checkpointing on 8 x A100-40GB: the memory-bound micro-batch grows 16 -> 19
+    (32k vocabulary) and 5 -> 16 (a 128k vocabulary)."""
+
+    def largest(impl: str, *extra: str) -> int:
+        return max(c.micro for c, fits in _candidates(impl, range(1, 24), *extra) if fits)
+
+    assert (largest("full"), largest("chunked")) == (16, 19)
+    big = "model.vocab_size=128256"
+    assert (largest("full", big), largest("chunked", big)) == (5, 16)
