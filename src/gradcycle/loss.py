@@ -33,7 +33,6 @@ from torch import nn
 
 from gradcycle.data import IGNORE_INDEX
 
-IMPLS = ("chunked", "full", "liger")
 # Config fields of architectures that transform logits after the head (soft-capping, scaling):
 # the chunked path would compute another loss for them.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "logits_soft_cap")
