@@ -99,6 +99,12 @@ class ActivationCheckpointingConfig:
 
 
 @dataclass
+class LossConfig:
+    impl: str = "chunked"  # chunked | full | liger (gradcycle/loss.py)
+    chunk_tokens: int = 256  # chunked: tokens whose fp32 logits exist at a time
+
+
+@dataclass
 class WandbConfig:
     mode: str = "disabled"  # disabled | offline | online
     project: str = "gradcycle"
@@ -160,6 +166,7 @@ class Config:
     activation_checkpointing: ActivationCheckpointingConfig = field(
         default_factory=ActivationCheckpointingConfig
     )
+    loss: LossConfig = field(default_factory=LossConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
@@ -334,6 +341,12 @@ def validate(cfg: Any, this_machine: bool = True) -> None:
             f"precision=fp16 with backend={cfg.backend.name}: FSDP2 has no sharded fp16 loss scaler "
             "here; use precision=bf16"
         )
+    _one_of("loss.impl", cfg.loss.impl, ("chunked", "full", "liger"))
+    _positive("loss.chunk_tokens", cfg.loss.chunk_tokens)
+    if cfg.loss.impl == "liger":
+        from gradcycle.loss import check_liger
+
+        check_liger(cfg.device)
     if cfg.resume not in ("none", "auto") and not os.path.exists(cfg.resume):
         raise ValueError(
             f"resume={cfg.resume!r}: no such checkpoint (use resume=auto or resume=none)"

@@ -161,5 +161,5 @@ def make_setup(cfg, shape: Shape, world: int, nodes: int, micro: int, sync: str,
         reduce_dtype=cfg.backend.reduce_dtype,
         offload_optimizer=cfg.backend.offload_optimizer and b.startswith("zero"),
         offload_param=cfg.backend.offload_param and b == "zero3",
-        zero=zero,
+        zero=zero, loss=cfg.loss.impl, loss_chunk=cfg.loss.chunk_tokens,
     )  # fmt: skip

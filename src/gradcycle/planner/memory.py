@@ -12,8 +12,11 @@ Pure arithmetic (no torch): the planner (`gradcycle.plan`) turns a config into a
   Korthikanti et al. (2022) 34·s·b·h bytes of a GPT layer become ~47.5·s·b·h (bf16 parameters) or
   ~57.5·s·b·h (autocast over fp32 parameters) for a SwiGLU layer. A checkpointed layer keeps only
   its input; its activations come back, one layer at a time, during backward.
-- the loss: `token_loss` upcasts the logits to fp32, so log-softmax, its gradient and the input
-  gradient (3 x 4 bytes per token and vocabulary entry) coexist at the start of backward.
+- the loss (`loss.impl`, gradcycle/loss.py): `full` upcasts the logits of every token to fp32, so
+  log-softmax, its gradient and the input gradient (3 x 4 bytes per token and vocabulary entry)
+  coexist at the start of backward. `chunked` (and `liger`) hold one chunk's logits at a time (fp32,
+  plus their 16-bit matmul output) and the head's gradient, computed in the loss forward; the
+  hidden-state gradient it keeps replaces the head's saved input (planner/loss.py).
 - temporaries: unsharded units (FSDP2), DDP's gradient buckets, autocast's bf16 weight copies.
   AdamW is torch's fused kernel (backends/base.py), which updates in place: the step adds no
   buffer. DeepSpeed's terms (gathered ZeRO-3 modules, buckets, the fp32 step gradient) are
@@ -30,6 +33,7 @@ import math
 from dataclasses import dataclass, field
 
 from gradcycle.planner import zero
+from gradcycle.planner.loss import loss_bytes
 from gradcycle.planner.zero import ZeroSettings
 
 GIB = 2**30
@@ -130,6 +134,8 @@ class Setup:
     offload_optimizer: bool = False
     offload_param: bool = False
     zero: ZeroSettings = ZeroSettings()  # DeepSpeed's zero_optimization values
+    loss: str = "full"  # loss.impl: full | chunked | liger
+    loss_chunk: int = 2048  # loss.chunk_tokens
 
     @property
     def num(self) -> Numerics:
@@ -226,16 +232,14 @@ def activations(setup: Setup) -> dict[str, float]:
     ckpt = n.residual * s.hidden * tok  # a checkpointed layer keeps its input only
     n_ckpt = len(setup.checkpointed)
     saved = (s.layers - n_ckpt) * full + n_ckpt * ckpt + head_activation_bytes(s, n) * tok
-    logits = s.vocab * tok
     top_ckpt = s.layers - 1 in setup.checkpointed
+    loss_fwd, loss_bwd = loss_bytes(setup)  # forward end, backward start
     return {
         "saved": saved,
         "layer": full,
         "layer_ckpt": ckpt,
-        # forward end: logits (compute dtype), their fp32 copy and the fp32 log-softmax
-        "loss_forward": logits * (n.compute + 8),
-        # backward start: log-softmax output, its gradient and the input gradient (fp32)
-        "loss_backward": logits * 12,
+        "loss_forward": loss_fwd,
+        "loss_backward": loss_bwd,
         # a checkpointed top layer is recomputed whole before its backward runs
         "recompute": (full if top_ckpt else 0.0) + layer_backward_bytes(s, n) * tok,
     }
