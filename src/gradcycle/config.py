@@ -113,6 +113,12 @@ class ActivationCheckpointingConfig:
 
 
 @dataclass
+class LossConfig:
+    impl: str = "chunked"  # chunked | full | liger (gradcycle/loss.py)
+    chunk_tokens: int = 256  # chunked: tokens whose fp32 logits exist at a time
+
+
+@dataclass
 class WandbConfig:
     mode: str = "disabled"  # disabled | offline | online
     project: str = "gradcycle"
@@ -175,6 +181,7 @@ class Config:
     activation_checkpointing: ActivationCheckpointingConfig = field(
         default_factory=ActivationCheckpointingConfig
     )
+    loss: LossConfig = field(default_factory=LossConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
@@ -205,8 +212,10 @@ def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
         raise ValueError(f"{name}={value} is out of range: it must be {bound}")
 
 
-def validate(cfg: Any) -> None:
-    """Check every user-facing value; raise ValueError naming the field and the fix."""
+def validate(cfg: Any, this_machine: bool = True) -> None:
+    """Check every user-facing value; raise ValueError naming the field and the fix.
+    `this_machine=False` (the planner, sizing a target cluster) skips the checks that ask this
+    machine's devices (DeepSpeed's fp16 support)."""
     _one_of("precision", cfg.precision, ("fp32", "bf16", "fp16"))
     _one_of("device", cfg.device, ("auto", "cpu", "cuda"))
     _one_of("backend.name", cfg.backend.name, BACKENDS)
@@ -333,7 +342,7 @@ def validate(cfg: Any) -> None:
     from gradcycle.backends.ds_config import check_user_config
 
     check_user_config(cfg)  # DeepSpeed's own rules (batch keys, sync), before any process group
-    if cfg.precision == "fp16" and cfg.backend.name.startswith("zero"):
+    if this_machine and cfg.precision == "fp16" and cfg.backend.name.startswith("zero"):
         from gradcycle.backends.ds_config import deepspeed_supports_fp16
         from gradcycle.distributed import device_type
 
@@ -350,6 +359,12 @@ def validate(cfg: Any) -> None:
             f"precision=fp16 with backend={cfg.backend.name}: FSDP2 has no sharded fp16 loss scaler "
             "here; use precision=bf16"
         )
+    _one_of("loss.impl", cfg.loss.impl, ("chunked", "full", "liger"))
+    _positive("loss.chunk_tokens", cfg.loss.chunk_tokens)
+    if cfg.loss.impl == "liger":
+        from gradcycle.loss import check_liger
+
+        check_liger(cfg.device)
     if cfg.resume not in ("none", "auto") and not os.path.exists(cfg.resume):
         raise ValueError(
             f"resume={cfg.resume!r}: no such checkpoint (use resume=auto or resume=none)"

@@ -63,6 +63,7 @@ def build_model(model_cfg, vocab_size: int, device: str | torch.device = "cpu") 
     with torch.device(device), initialization.no_init_weights():
         model = AutoModelForCausalLM.from_config(llama_config(model_cfg, vocab_size))
     model.initialize_weights()
+    model.tie_weights()  # model.tie_embeddings=true: initialize_weights() alone leaves them untied
     return model
 
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from gradcycle import checkpoint, distributed, hardware
@@ -31,6 +30,8 @@ from gradcycle.data import IGNORE_INDEX
 from gradcycle.data.loader import eval_batches, train_loader
 from gradcycle.data.reader import open_dataset
 from gradcycle.faults import Faults, StopSignal, requeue_under_slurm
+from gradcycle.loss import attach as attach_loss
+from gradcycle.loss import summed_token_ce
 from gradcycle.model import (
     apply_activation_checkpointing,
     batchnorm_guard,
@@ -48,18 +49,12 @@ class NonFiniteHalt(RuntimeError):
     """train.on_nonfinite=halt met a NaN/inf: stop without writing anything new."""
 
 
-def token_loss(model, batch: dict, norm: torch.Tensor | float) -> torch.Tensor:
-    """Sum of next-token cross-entropy over real targets, divided by the cycle's token count."""
-    # position_ids, and under document masking the attention inputs, go to the model as they are
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        labels.flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss / norm
+def token_loss(model, batch: dict, norm: torch.Tensor | float, impl: str = "chunked",
+               chunk_tokens: int = 2048) -> torch.Tensor:  # fmt: skip
+    """Sum of next-token cross-entropy over real targets, divided by the cycle's token count.
+    The sum is fp32 whatever the precision; `impl`/`chunk_tokens` (loss.*) only change how much
+    memory the logits take (gradcycle/loss.py)."""
+    return summed_token_ce(model, batch, impl, chunk_tokens) / norm
 
 
 def count_targets(micro_batches: list[dict]) -> int:
@@ -131,6 +126,8 @@ def _run(cfg, env, nodes: int) -> dict:
     def make_model(where: str):
         model = build_model(cfg.model, vocab, where)
         apply_activation_checkpointing(model, ac.mode, ac.every)
+        if cfg.loss.impl != "full":
+            attach_loss(model)  # the chunked loss runs inside the model's own forward
         return batchnorm_guard(model, plan.micro_batch_size, cfg.model.sync_batchnorm, is_dist)
 
     backend = build_backend(cfg, make_model, device, env.world_size, run_dir)
@@ -159,6 +156,7 @@ def _run(cfg, env, nodes: int) -> dict:
     if resumed_from and env.is_main:
         print(f"resumed from {resumed_from} at step {state.step}", flush=True)
 
+    loss_args = {"impl": cfg.loss.impl, "chunk_tokens": cfg.loss.chunk_tokens}
     sink = MetricsSink(run_dir, cfg, env.is_main, OmegaConf.to_container(cfg, resolve=True))
     # this rank's micro-batches from global batch `state.step` on, computed ahead by workers
     loader = train_loader(cfg, data, plan, env, device, start=state.step, model=backend.module)
@@ -179,7 +177,7 @@ def _run(cfg, env, nodes: int) -> dict:
             count = _to_device(cycle.targets, device)  # counted on the host: no device sync
             with comm.suspended():  # the trainer's own collectives are not the backend's
                 n_tokens = distributed.all_reduce_tensor([count], device)
-            loss_fn = functools.partial(token_loss, norm=n_tokens[0].clamp(min=1))
+            loss_fn = functools.partial(token_loss, norm=n_tokens[0].clamp(min=1), **loss_args)
             loss_fn = faults.wrap_loss(step, loss_fn)  # tests only: an injected NaN/inf
             losses = []
             with backend.cycle():
@@ -283,10 +281,11 @@ def _record(state, plan: BatchPlan, cfg, env, loss, result, n_tokens, dt, lr, fp
 def evaluate(backend, val_set, plan, cfg, env, device, loader, pad_id) -> dict:
     """Token-weighted validation loss over the same batches on any world size."""
     losses, tokens = [], 0
+    loss_fn = functools.partial(token_loss, norm=1.0, impl=cfg.loss.impl,
+                                chunk_tokens=cfg.loss.chunk_tokens)  # fmt: skip
     for host in eval_batches(val_set, plan.micro_batch_size, cfg.train.eval_batches, env.rank,
                              env.world_size, pad_id, cfg.data.document_mask):  # fmt: skip
-        batch = loader.to_device(host)
-        losses.append(backend.eval_loss(batch, functools.partial(token_loss, norm=1.0)))
+        losses.append(backend.eval_loss(loader.to_device(host), loss_fn))
         tokens += host.targets
     with CommCounter.instance().suspended():
         sums = distributed.all_reduce_tensor([torch.stack(losses).sum(), tokens], device)
