@@ -29,6 +29,8 @@ INIT = {  # random init, 2 ranks; the reference is ddp on one process
     "hsdp2x1": ["backend=hsdp", "backend.replicate=2"],
     "zero3": ["backend=zero3"],
     "zero3-tied": ["backend=zero3", "model.tie_embeddings=true"],
+    # partitions ZeRO-3 cannot have written in place (NVMe, ZeRO++): one gathered parameter at a time
+    "zero3-gathered": ["backend=zero3"],
 }
 LOAD = {  # (pretrained dir, overrides); the reference is from_pretrained in one process
     "fsdp": ("untied", ["backend=fsdp"]),
@@ -111,9 +113,17 @@ def _memory(world, root, dirs, big_dir):
     return out
 
 
-def _init(rank, world, root, overrides):
+def _init(rank, world, root, overrides, gathered):
+    import gradcycle.weights.pieces as pieces
+
     cfg = compose([*SMALL, *overrides])
-    backend = _backend(cfg, world, f"{root}/init", VOCAB)
+    direct = pieces._zero3_direct
+    if gathered:
+        pieces._zero3_direct = lambda param: False
+    try:
+        backend = _backend(cfg, world, f"{root}/init", VOCAB)
+    finally:
+        pieces._zero3_direct = direct
     local = sum(_local(p).numel() * 4 for p in backend.module.parameters())
     full = backend.full_state_dict()
     backend.close()
@@ -178,7 +188,8 @@ def _on_rank(rank, world, root, dirs, big_dir, export_jobs):
 
     distributed.init_process_group(distributed.read_env(), torch.device("cpu"), 120)
     out = {"memory": _memory(world, root, dirs, big_dir)}  # first: a fresh process
-    out["init"] = {k: _guard(_init, rank, world, root, ov) for k, ov in INIT.items()}
+    out["init"] = {k: _guard(_init, rank, world, root, ov, k.endswith("gathered"))
+                   for k, ov in INIT.items()}  # fmt: skip
     out["load"] = {k: _guard(_load, rank, world, root, dirs[d], ov, k.endswith("slices"))
                    for k, (d, ov) in LOAD.items()}  # fmt: skip
     out["export"] = _guard(rank_train, rank, world, export_jobs)
