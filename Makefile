@@ -1,23 +1,35 @@
 # Two commands on a fresh machine: `make train` and `make test`. Both create .venv if missing and
-# install the pinned stack once (a stamp file makes re-runs instant).
+# install the pinned stack once (a stamp file makes re-runs instant). Versions: constraints.txt.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+# `pip install -e .` alone, no extras: proves every backend runs on the core dependencies.
+CORE_VENV := .venv-core
+CORE_STAMP := $(CORE_VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+PIP_C := -c constraints.txt
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup train test lint format clean slurm-start slurm-stop
+.PHONY: setup train test core-check lint format lock clean slurm-start slurm-stop
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: it comes from the local wheel where one exists (no CUDA download)
 	$(BIN)/python -m pip install -q "torch==2.13.0"
 	# slurm: submitit + hydra-submitit-launcher, for the sweeps tests/test_slurm.py submits
-	$(BIN)/python -m pip install -q -e ".[dev,bench,slurm]"
+	$(BIN)/python -m pip install -q $(PIP_C) -e ".[dev,slurm]"
 	rm -f $(VENV)/.installed-*
+	touch $@
+
+$(CORE_STAMP): pyproject.toml constraints.txt
+	test -x $(CORE_VENV)/bin/python || $(PY) -m venv $(CORE_VENV)
+	$(CORE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(CORE_VENV)/bin/python -m pip install -q "torch==2.13.0"
+	$(CORE_VENV)/bin/python -m pip install -q $(PIP_C) -e .
+	rm -f $(CORE_VENV)/.installed-*
 	touch $@
 
 train: setup
@@ -28,12 +40,23 @@ test: setup
 	$(BIN)/ruff format --check .
 	# one thread per process: the suite runs 2-rank jobs on 2 cores
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(MAKE) core-check
+
+# One 2-rank step of ddp, zero1, zero2, zero3, fsdp and hsdp with the core dependencies only.
+core-check: $(CORE_STAMP)
+	OMP_NUM_THREADS=1 $(CORE_VENV)/bin/python tests/core_deps_check.py
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 format: setup
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+# Re-pin constraints.txt to what the dev venv holds now (after changing pyproject.toml).
+lock: setup
+	{ sed -n '1,3p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable \
+	  | sed -E 's/^torch==([0-9.]+)\+.*/torch==\1/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 # A two-node Slurm cluster on this machine (root; installs Slurm and munge with apt if missing).
 # tests/test_slurm.py starts and stops it by itself; these are for trying the sbatch scripts.
@@ -45,4 +68,4 @@ slurm-stop:
 	launch/slurm/local_cluster.sh stop
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(CORE_VENV) outputs .pytest_cache .ruff_cache

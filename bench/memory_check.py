@@ -44,7 +44,11 @@ SMALL_BUCKETS = ["+backend.deepspeed_config.zero_optimization.reduce_bucket_size
 
 def case(model: str, backend: str, micro: int, k: int, ac: str = "none", precision="fp32",
          extra=()) -> tuple[str, list[str]]:  # fmt: skip
+    short = {"stage3_": "", "param_persistence_threshold": "persistence",
+             "max_reuse_distance": "reuse", "max_live_parameters": "live"}  # fmt: skip
     tail = " ".join(e.split(".")[-1] for e in extra)
+    for long, abbreviation in short.items():
+        tail = tail.replace(long, abbreviation)
     name = f"{model} {backend} b={micro} K={k} ac={ac} {precision} {tail}".strip()
     over = [*BASE, *MODELS[model], f"backend={backend}", f"train.micro_batch_size={micro}",
             "train.global_batch_size=null", f"train.accumulation_steps={k}",
@@ -159,6 +163,10 @@ DDP_CASES = [
     case("h128-L4", "ddp", 4, 2, precision="bf16"),
 ]
 SHORT = ["data.seq_len=32"]  # parameters and gathered units dominate, not activations
+ZERO = "+backend.deepspeed_config.zero_optimization."
+# ZeRO-3 releasing after every module: no reuse distance, a live bound below the model's size
+RELEASE = ["backend.param_persistence_threshold=0", ZERO + "stage3_max_reuse_distance=0",
+           ZERO + "stage3_max_live_parameters=300000"]  # fmt: skip
 TWO_RANK_CASES = [
     case("h128-L4", "ddp", 4, 2),
     case("h128-L4", "fsdp", 4, 2),
@@ -171,6 +179,8 @@ TWO_RANK_CASES = [
     case("h256-L4", "zero3", 4, 2, ac="full"),
     case("h256-L4", "zero3", 1, 2, extra=SHORT),
     case("h128-L4", "zero3", 4, 2, extra=["backend.sync=per_cycle"]),
+    case("h256-L4", "zero3", 2, 2, extra=RELEASE),
+    case("h256-L4", "zero3", 2, 2, precision="bf16"),
     case("h128-L4", "zero1", 4, 2),
     case("h128-L4", "zero2", 4, 2),
     case("h128-L4", "zero2", 4, 2, extra=["backend.sync=per_cycle"]),
@@ -183,11 +193,11 @@ def max_over_ranks(per_rank: list[list]) -> list:
 
 
 def table(rows) -> str:
-    lines = [f"{'case':<52} {'ranks':>5} {'measured':>9} {'predicted':>9} {'error':>7}  "
+    lines = [f"{'case':<70} {'ranks':>5} {'measured':>9} {'predicted':>9} {'error':>7}  "
              f"{'unseen frees':>12}  peak at (MiB)"]  # fmt: skip
     for name, world, measured, predicted, phase, unreported in rows:
         err = (predicted - measured) / measured
-        lines.append(f"{name:<52} {world:>5} {measured / 2**20:9.2f} {predicted / 2**20:9.2f} "
+        lines.append(f"{name:<70} {world:>5} {measured / 2**20:9.2f} {predicted / 2**20:9.2f} "
                      f"{err:+7.1%}  {unreported / 2**20:12.2f}  {phase}")  # fmt: skip
     return "\n".join(lines)
 

@@ -48,14 +48,40 @@ def train_steps(run_dir, overrides: list[str]) -> list[dict]:
     return [r for r in read_metrics(run_dir) if "loss" in r]
 
 
-def rank_train(rank: int, world: int, jobs: list[tuple[str, list[str]]]) -> list[list[dict]]:
+class JobFailed:
+    """What rank_train returns for a configuration that raised: its traceback, so the other
+    configurations of the same spawn still report (see JobResults)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+
+class JobResults(dict):
+    """name -> a configuration's result; reading a failed one fails only the test that reads it."""
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        if isinstance(value, JobFailed):
+            pytest.fail(f"configuration {key!r} failed on the ranks:\n{value.text}", pytrace=False)
+        return value
+
+
+def rank_train(rank: int, world: int, jobs: list[tuple[str, list[str]]]) -> list:
     """For run_on_ranks: train each (run_dir, overrides) job in turn on this rank; rank 0 returns
-    each job's step records (others return []). One spawn serves many configurations."""
+    each job's step records (others return []), or a JobFailed for a job that raised. One spawn
+    serves many configurations; a configuration that fails on every rank (a config or start-up
+    error) does not stop the others."""
+    import traceback
+
     from gradcycle.trainer import run
 
-    out = []
+    out: list = []
     for run_dir, overrides in jobs:
-        run(compose([*TINY, f"run_dir={run_dir}", *overrides]))
+        try:
+            run(compose([*TINY, f"run_dir={run_dir}", *overrides]))
+        except Exception:
+            out.append(JobFailed(traceback.format_exc()))
+            continue
         out.append([r for r in read_metrics(run_dir) if "loss" in r] if rank == 0 else [])
     return out
 

@@ -58,6 +58,12 @@ CASES = [
     (["train.accumulation_steps=2"], ["exactly one", "train.accumulation_steps"]),
     (["optim.scale_rule=linear"], ["optim.reference_batch_size"]),
     (["model.hidden_size=100", "model.num_heads=3"], ["model.hidden_size=100", "num_heads=3"]),
+    (["optim.lr=nan"], ["optim.lr=nan", "finite"]),
+    (["optim.lr=inf"], ["optim.lr=inf", "finite"]),
+    (["optim.weight_decay=nan"], ["optim.weight_decay=nan", "finite"]),
+    (["optim.beta2=1.5"], ["optim.beta2=1.5", "[0, 1)"]),
+    (["data.tokenizer=/no/such/dir"], ["data.tokenizer='/no/such/dir'", "no such directory"]),
+    (["hardware.bf16_tflops=-1"], ["hardware.bf16_tflops=-1", "> 0"]),
 ]
 
 
@@ -121,3 +127,20 @@ def test_local_rank_twice_is_rejected(capsys):
 def test_metrics_untouched_json_still_valid(run_dir):
     # guards the fixture itself: the snapshot compares real content
     assert json.loads((run_dir / "metrics.jsonl").read_text())["step"] == 1
+
+
+@pytest.mark.parametrize("field", ["model.pretrained", "data.tokenizer"])
+def test_incomplete_local_model_folder_names_field_folder_and_what_is_missing(
+    field, tmp_path, run_dir, capsys
+):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    before = _snapshot(run_dir)
+    code = main([*TINY, f"run_dir={run_dir}", f"{field}={empty}"], CONF)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("gradcycle: error:") == 1, err
+    assert f"{field}='{empty}'" in err and "tokenizer files" in err
+    if field == "model.pretrained":
+        assert "config.json" in err and "weights" in err
+    assert "sentencepiece" not in err and "Traceback" not in err
+    assert _snapshot(run_dir) == before

@@ -291,3 +291,42 @@ def test_export_gives_the_trained_models_logits(killed, tmp_path, backend):
     assert all(torch.equal(exported[k], torch.from_numpy(full[k])) for k in exported)
     assert AutoTokenizer.from_pretrained(out)("def f():")["input_ids"]
     assert main([str(base / f"ref-{backend}"), str(out)]) == 2  # never overwrites
+
+
+def test_old_checkpoints_are_deleted_after_the_barrier_in_the_background(tmp_path, monkeypatch):
+    """keep=1: the previous checkpoint is renamed away at once, but its (at scale, hundreds of
+    GB) deletion runs on a thread after the save's last barrier, so no rank waits for it."""
+    import threading
+
+    from torch import nn
+
+    from gradcycle import checkpoint
+    from gradcycle.batching import plan_from_config
+    from gradcycle.trainer import State
+
+    class Backend:  # what Checkpointer.save needs of a backend
+        module = nn.Linear(2, 2)
+
+        def save_state(self, path):
+            path.mkdir(parents=True)
+            (path / "shard").write_text("x")
+
+    events, release = [], threading.Event()
+
+    def slow_delete(paths):
+        events.append(("delete", threading.current_thread().name))
+        release.wait(30)
+        events.append(("deleted", [p.name for p in paths]))
+
+    monkeypatch.setattr(checkpoint, "_barrier", lambda: events.append(("barrier",)))
+    monkeypatch.setattr(checkpoint, "_delete_all", slow_delete)
+    cfg = compose([*TINY, "checkpoint.keep=1"])
+    ckpt = checkpoint.Checkpointer(cfg, tmp_path, Backend(), plan_from_config(cfg, 1))
+    ckpt.save(State(step=1))
+    ckpt.save(State(step=2))  # returns while step_1's deletion is still blocked
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == [".del-step_1", "latest", "step_2"]
+    assert events[-2:] == [("barrier",), ("delete", "gradcycle-prune")]
+    release.set()
+    ckpt.wait_for_pruning()
+    assert events[-1] == ("deleted", [".del-step_1"])

@@ -72,6 +72,6 @@ def test_model_presets_have_real_llama_shapes():
 
 
 def test_conf_dir_default_points_at_repo():
-    from gradcycle.config import default_conf_dir
+    from gradcycle.compose import default_conf_dir
 
     assert Path(default_conf_dir()) == ROOT / "conf"

@@ -6,7 +6,7 @@ One spawn runs every configuration (imports dominate the cost).
 from __future__ import annotations
 
 import pytest
-from conftest import RAGGED, TINY, compose, rank_train, train_steps
+from conftest import RAGGED, TINY, JobResults, compose, rank_train, train_steps
 from multiproc import run_on_ranks
 
 from gradcycle.data import load_corpus
@@ -35,7 +35,7 @@ def ddp_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     jobs, keys = _jobs(tmp)
     results = run_on_ranks(rank_train, 2, args=(jobs,))[0]
-    return dict(zip(keys, results, strict=True))
+    return JobResults(zip(keys, results, strict=True))
 
 
 @pytest.fixture(scope="module")

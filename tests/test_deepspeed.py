@@ -3,18 +3,32 @@
 ONE 2-rank spawn trains every configuration through the real trainer (conftest.rank_train) and
 then runs the direct backend checks (init, non-finite skip, save/load); the single-process
 references run in this process (conftest.train_steps, backend=ddp, micro-batch = global batch).
+The spawn reports per configuration: one that fails fails only its own tests. fp16 runs only
+where DeepSpeed's accelerator supports it on this CPU (oneDNN fp16 kernels); elsewhere exactly the
+fp16 cases skip, with the reason, and the refusal itself is tested by simulating that CPU.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
-from conftest import RAGGED, TINY, compose, rank_train, train_steps
+from conftest import RAGGED, TINY, JobFailed, JobResults, compose, rank_train, train_steps
 from multiproc import run_on_ranks
 
 WORLD, MICRO, STEPS = 2, 2, 3
+
+
+def _fp16_supported() -> bool:
+    from gradcycle.backends.ds_config import deepspeed_supports_fp16
+
+    return deepspeed_supports_fp16("cpu")
+
+
+FP16 = _fp16_supported()
+NO_FP16 = "DeepSpeed reports no fp16 support on this CPU (no oneDNN fp16 kernels)"
 # Ragged documents (one per sample, lengths varying > 10x); the vocabulary pinned for the table.
 SGD = ["optim=sgd", *RAGGED, "model.vocab_size=512", f"train.max_steps={STEPS}",
        "checkpoint.at_end=false"]  # fmt: skip
@@ -43,6 +57,10 @@ def _bf16(backend: str, sync: str) -> list[str]:
 
 JOBS: dict[str, list[str]] = {f"{b}-{s}-k{k}": _job(b, s, k) for b, s in POLICIES for k in (1, 4)}
 JOBS["zero2-per_cycle-k4-adamw"] = _job("zero2", "per_cycle", 4, "optim=adamw")
+# Decay large enough to move the loss visibly within 3 steps: a ZeRO-3 run whose matrices landed
+# in the no-decay group (partitioned shapes are (0,)) would not match.
+WD = ["optim=adamw", "optim.weight_decay=10", "optim.warmup_steps=0"]
+JOBS["zero3-per_micro-k4-adamw-wd"] = _job("zero3", "per_micro", 4, *WD)
 JOBS["zero2-per_micro-k4-ac"] = _job("zero2", "per_micro", 4, "activation_checkpointing.mode=full")
 JOBS["zero3-per_cycle-k4-ac"] = _job("zero3", "per_cycle", 4, "activation_checkpointing.mode=full")
 JOBS["zero1-bf16"] = _bf16("zero1", "per_cycle")
@@ -53,8 +71,9 @@ JOBS["zero3-bf16"] = _bf16("zero3", "per_cycle") + ["backend.param_persistence_t
 DIRECT = {
     "zero2": ["backend=zero2", "backend.sync=per_cycle"],
     "zero3": ["backend=zero3", "backend.param_persistence_threshold=0"],
-    "zero2-fp16": ["backend=zero2", "precision=fp16"],
 }
+if FP16:
+    DIRECT["zero2-fp16"] = ["backend=zero2", "precision=fp16"]
 
 
 # -- what runs on the ranks --------------------------------------------------------------------
@@ -81,8 +100,15 @@ def _direct_checks(rank: int, world: int, root: Path) -> dict | None:
     from gradcycle import distributed
 
     distributed.init_process_group(distributed.read_env(), _cpu(), 120)
-    results = {name: _direct_one(rank, world, root / name, ov) for name, ov in DIRECT.items()}
-    return results if rank == 0 else None
+    results = {}
+    for name, overrides in DIRECT.items():
+        try:
+            results[name] = _direct_one(rank, world, root / name, overrides)
+        except Exception:
+            import traceback
+
+            results[name] = JobFailed(traceback.format_exc())
+    return JobResults(results) if rank == 0 else None
 
 
 def _cpu():
@@ -165,7 +191,7 @@ def spawn(tmp_path_factory):
     jobs = [(str(root / name), overrides) for name, overrides in JOBS.items()]
     out = run_on_ranks(_rank_main, WORLD, (jobs, str(root / "direct")))
     records, direct = out[0]
-    return {"records": dict(zip(JOBS, records)), "direct": direct, "root": root}
+    return {"records": JobResults(zip(JOBS, records, strict=True)), "direct": direct, "root": root}
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +199,8 @@ def refs(tmp_path_factory):
     """Single process, plain torch, the whole global batch in one micro-batch."""
     root = tmp_path_factory.mktemp("deepspeed-ref")
     out = {}
-    for name, k, extra in (("k1", 1, []), ("k4", 4, []), ("k4-adamw", 4, ["optim=adamw"])):
+    for name, k, extra in (("k1", 1, []), ("k4", 4, []), ("k4-adamw", 4, ["optim=adamw"]),
+                           ("k4-adamw-wd", 4, WD), ("k4-adamw-wd0", 4, [*WD, "optim.weight_decay=0"])):  # fmt: skip
         g = MICRO * WORLD * k
         out[name] = train_steps(root / name, ["backend=ddp", f"train.micro_batch_size={g}",
                                               f"train.global_batch_size={g}", *SGD, *extra])  # fmt: skip
@@ -207,10 +234,10 @@ def expected(backend: str, sync: str, k: int) -> dict[str, tuple[int, int]]:
                 "reduce_scatter": ZERO, "broadcast": ZERO}  # fmt: skip
     # ZeRO-3: each of the M modules is gathered in every micro-batch's forward and again in its
     # backward (2MK calls, 2K copies of the model); gradients reduce-scattered once per cycle
-    # (per_cycle) or per micro-batch (per_micro); one fp64 grad-norm scalar all-reduce.
+    # (per_cycle) or per micro-batch (per_micro); one fp64 grad-norm scalar per param group.
     n = k if sync == "per_micro" else 1
     return {"all_gather": (2 * M * k, 2 * k * B), "reduce_scatter": (n, n * B),
-            "all_reduce": (1, 8), "broadcast": ZERO}  # fmt: skip
+            "all_reduce": (G, 8 * G), "broadcast": ZERO}  # fmt: skip
 
 
 def _counts(record: dict) -> dict[str, tuple[int, int]]:
@@ -264,6 +291,17 @@ def test_adamw_with_warmup_matches_reference(spawn, refs):
         assert _close(g["loss"], r["loss"]) and _close(g["grad_norm"], r["grad_norm"])
 
 
+def test_zero3_decays_its_partitioned_matrices_like_ddp(spawn, refs):
+    got, ref, no_decay = (
+        spawn["records"]["zero3-per_micro-k4-adamw-wd"],
+        refs["k4-adamw-wd"],
+        refs["k4-adamw-wd0"],
+    )
+    assert abs(ref[-1]["loss"] - no_decay[-1]["loss"]) > 1e-4 * abs(ref[-1]["loss"])  # can fail
+    for g, r in zip(got, ref, strict=True):
+        assert _close(g["loss"], r["loss"]) and _close(g["grad_norm"], r["grad_norm"])
+
+
 @pytest.mark.parametrize("job", ["zero2-per_micro-k4", "zero3-per_cycle-k4"])
 def test_activation_checkpointing_changes_nothing(spawn, job):
     plain, ac = spawn["records"][job], spawn["records"][f"{job}-ac"]
@@ -278,6 +316,35 @@ def test_bf16_trains(spawn, job):
     assert len(recs) == 4 and not any(r["skipped"] for r in recs)
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in recs)
     assert min(r["loss"] for r in recs[2:]) < recs[0]["loss"]
+
+
+def test_bf16_zero1_accumulates_in_fp32_and_still_reduces_once_per_cycle(spawn):
+    # BF16_Optimizer adds each micro-batch's bf16 gradient into an fp32 buffer and all-reduces
+    # that sum once at the boundary, in bf16 (DeepSpeed's communication dtype): 2P bytes.
+    comm = spawn["records"]["zero1-bf16"][-1]["comm"]["all_reduce"]
+    assert comm["calls"] == 1 and comm["bytes"] == 2 * P
+
+
+def test_sync_plan_shows_overlap_and_accumulation_dtype(spawn):
+    plan = spawn["direct"]["zero2"]["plan"]
+    assert "reduction overlaps backward" in plan and "yes (overlap_comm)" in plan
+    assert "gradients accumulate in" in plan and "fp32" in plan
+
+
+def test_stale_ds_accelerator_in_the_environment_never_drives_the_run(monkeypatch):
+    import torch
+    from deepspeed.accelerator import get_accelerator, real_accelerator
+
+    from gradcycle.backends.deepspeed import import_deepspeed
+    from gradcycle.backends.ds_config import pin_accelerator
+
+    monkeypatch.setattr(real_accelerator, "ds_accelerator", real_accelerator.ds_accelerator)
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")  # left over from another job
+    import_deepspeed(torch.device("cpu"))
+    assert get_accelerator()._name == "cpu" and os.environ["DS_ACCELERATOR"] == "cpu"
+    # and a CPU accelerator DeepSpeed already chose is replaced for a CUDA run
+    assert pin_accelerator("cuda")._name == "cuda" and os.environ["DS_ACCELERATOR"] == "cuda"
+    assert pin_accelerator("cpu")._name == "cpu"
 
 
 def test_bf16_zero2_coalesces_gradient_reduction(spawn):
@@ -297,7 +364,10 @@ def test_initial_weights_are_those_of_the_plain_model(spawn, name):
     assert 0.015 < d["embed_std"] < 0.025 and d["init_dtypes"] == ["torch.float32"]
 
 
-@pytest.mark.parametrize("name", list(DIRECT))
+DIRECT_CASES = ["zero2", "zero3", pytest.param("zero2-fp16", marks=pytest.mark.skipif(not FP16, reason=NO_FP16))]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", DIRECT_CASES)
 def test_non_finite_gradient_skips_the_update(spawn, name):
     d = spawn["direct"][name]
     loss, norm, skipped = d["poison"]
@@ -306,7 +376,7 @@ def test_non_finite_gradient_skips_the_update(spawn, name):
     assert not any(s for _, _, s in d["steps"]) and d["params_moved"]
 
 
-@pytest.mark.parametrize("name", list(DIRECT))
+@pytest.mark.parametrize("name", DIRECT_CASES)
 def test_save_load_round_trip_continues_identically(spawn, name):
     d = spawn["direct"][name]
     assert d["load_restores_params"]
@@ -346,6 +416,13 @@ def test_generated_config_sections():
     assert z["stage"] == 3 and z["reduce_bucket_size"] == 1000  # merged, not replaced
     assert z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
     assert z["stage3_param_persistence_threshold"] == 100
+    for stage in (1, 2, 3):  # gradient reduction overlaps backward on every stage
+        c = compose([*TINY, f"backend=zero{stage}"])
+        assert build_ds_config(c, _plan(c), on_gpu=False)["zero_optimization"]["overlap_comm"]
+    # bf16: ZeRO-1 accumulates in fp32 (BF16_Optimizer); ZeRO-2/3 have no such mode
+    z1, z2 = (compose([*TINY, f"backend={b}", "precision=bf16"]) for b in ("zero1", "zero2"))
+    assert build_ds_config(z1, _plan(z1), on_gpu=False)["data_types"]["grad_accum_dtype"] == "fp32"
+    assert "data_types" not in build_ds_config(z2, _plan(z2), on_gpu=False)
     cfg16 = compose([*TINY, "backend=zero2", "precision=fp16"])
     fp16 = build_ds_config(cfg16, _plan(cfg16), on_gpu=False)["fp16"]
     assert fp16["enabled"] and fp16["loss_scale"] == 0  # 0 = dynamic loss scaling
@@ -385,6 +462,8 @@ def test_batch_key_in_deepspeed_config_is_rejected(key):
      ["backend.param_persistence_threshold", "zero3"]),
     (["backend=ddp", "+backend.deepspeed_config.zero_optimization.stage=2"],
      ["backend.deepspeed_config", "backend=ddp"]),
+    (["backend=zero3", "precision=bf16", "+backend.deepspeed_config.data_types.grad_accum_dtype=fp32"],
+     ["grad_accum_dtype=fp32", "ignore it", "backend=zero1"]),
 ])  # fmt: skip
 def test_deepspeed_user_errors_before_any_process(overrides, words):
     msg = _error(overrides)
@@ -392,10 +471,63 @@ def test_deepspeed_user_errors_before_any_process(overrides, words):
         assert word in msg, (word, msg)
 
 
-def test_coalescing_with_bf16_on_zero2_is_valid():
+def _fp16_kernels(monkeypatch, cpu: bool, cuda: bool | None = None):
+    """Simulate a machine: DeepSpeed's CPU accelerator with or without fp16 support and, when
+    `cuda` is given, a visible GPU whose accelerator answers `cuda`. Restores DeepSpeed's chosen
+    accelerator and DS_ACCELERATOR afterwards."""
+    import torch
+    from deepspeed.accelerator import real_accelerator
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+    from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
+
+    monkeypatch.setenv("DS_ACCELERATOR", os.environ.get("DS_ACCELERATOR", "cpu"))
+    monkeypatch.setattr(real_accelerator, "ds_accelerator", real_accelerator.ds_accelerator)
+    monkeypatch.setattr(CPU_Accelerator, "is_fp16_supported", lambda self: cpu)
+    if cuda is not None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(CUDA_Accelerator, "is_fp16_supported", lambda self: cuda)
+
+
+@pytest.mark.parametrize("backend", ["zero1", "zero2", "zero3"])
+def test_fp16_is_refused_where_deepspeed_has_no_fp16(monkeypatch, backend):
+    # An AMD EPYC with avx512_bf16 but no oneDNN fp16 kernels, simulated on any CPU.
+    _fp16_kernels(monkeypatch, cpu=False)
+    msg = _error([f"backend={backend}", "precision=fp16"])
+    assert f"precision=fp16 with backend={backend}" in msg
+    assert "precision=bf16" in msg and "precision=fp32" in msg
+    _fp16_kernels(monkeypatch, cpu=True)  # a CPU with the kernels: accepted
+    from gradcycle.config import validate
+
+    validate(compose([*TINY, f"backend={backend}", "precision=fp16"]))
+
+
+def test_fp16_refusal_exits_2_before_anything_starts(monkeypatch, tmp_path, capsys):
+    from gradcycle.cli import main
+
+    _fp16_kernels(monkeypatch, cpu=False)
+    run_dir = tmp_path / "run"
+    code = main([*TINY, f"run_dir={run_dir}", "backend=zero2", "precision=fp16"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("gradcycle: error:") == 1 and "precision=fp16" in err
+    assert not run_dir.exists()  # nothing written, no process group
+
+
+def test_fp16_check_asks_the_gpus_accelerator_on_a_gpu(monkeypatch):
+    from gradcycle.config import validate
+
+    # The CPU has no fp16 kernels but the run goes to the GPU, whose accelerator supports fp16.
+    _fp16_kernels(monkeypatch, cpu=False, cuda=True)
+    validate(compose([*TINY, "backend=zero2", "precision=fp16"]))
+    assert "precision=fp16" in _error(["backend=zero2", "precision=fp16", "device=cpu"])
+    _fp16_kernels(monkeypatch, cpu=False, cuda=False)  # e.g. a Pascal GPU: DeepSpeed says no
+    assert "on this CUDA" in _error(["backend=zero2", "precision=fp16"])
+
+
+def test_coalescing_with_bf16_on_zero2_is_valid(monkeypatch):
     # The spawn shows it coalesces (test_bf16_zero2_coalesces_gradient_reduction).
     from gradcycle.config import validate
 
+    _fp16_kernels(monkeypatch, cpu=True)  # fp16 validity here is about coalescing, not kernels
     for backend in ("zero2", "zero3"):
         for precision in ("bf16", "fp16"):
             validate(compose([*TINY, f"backend={backend}", "backend.sync=per_cycle",

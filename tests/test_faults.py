@@ -171,3 +171,22 @@ def test_fp16_overflow_is_the_scalers_job_not_a_halt(tmp_path, monkeypatch):
     assert same_weights(ck / "step_1", ck / "step_2")
     scale = [json.loads((ck / f"step_{i}/state/scaler.json").read_text())["scale"] for i in (1, 2)]
     assert scale[1] == scale[0] / 2
+
+
+@pytest.mark.slow
+def test_first_step_oom_on_two_ranks_stops_with_advice_instead_of_retrying(tmp_path):
+    """No in-place retry with more than one rank: every rank that ran out of memory exits 2 with
+    the planner's advice; one that did not (its peer left mid-collective) fails soon after."""
+    args = [*TINY, "train.max_steps=2", "checkpoint.at_end=false", "backend.dist_timeout_s=60"]
+    both = launch(2, [*args, f"run_dir={tmp_path / 'both'}"], tmp_path / "both-log",
+                  env={"GRADCYCLE_FAULT": "oom:1:0"})  # fmt: skip
+    codes = [code for code, _ in wait(both, timeout=240)]
+    text = logs(tmp_path / "both-log")
+    assert codes == [2, 2], text
+    assert "out of memory in the first optimizer step" in text and "not retried in place" in text
+    assert "retrying with" not in text
+
+    one = launch(2, [*args, f"run_dir={tmp_path / 'one'}"], tmp_path / "one-log",
+                 env={"GRADCYCLE_FAULT": "oom:1:1@1"})  # fmt: skip
+    (code0, _), (code1, _) = wait(one, timeout=240)
+    assert code1 == 2 and code0 not in (0, None), logs(tmp_path / "one-log")

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import RAGGED, TINY, compose, rank_train, train_steps
+from conftest import RAGGED, TINY, JobResults, compose, rank_train, train_steps
 from multiproc import run_on_ranks
 
 from gradcycle.backends.fsdp import hsdp_nodes, mesh_shape, mp_policy, resolve_sync, shard_model
@@ -118,7 +118,7 @@ def two_ranks(tmp_path_factory):
     jobs += [(str(root / "saved"), saved),
              (str(root / "resumed"), [*resumed, f"resume={root}/saved/checkpoints/step_2"])]  # fmt: skip
     results = run_on_ranks(_on_rank, 2, (jobs, str(root)))
-    records = dict(zip(keys, results[0]["records"], strict=True))
+    records = JobResults(zip(keys, results[0]["records"], strict=True))
     return {"records": records, "ranks": results}
 
 

@@ -131,3 +131,23 @@ def test_launch_scripts_shellcheck_clean():
     out = subprocess.run([exe, "--external-sources", *scripts], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("script", ["torchrun.sbatch", "deepspeed.sbatch"])
+def test_sbatch_scripts_hold_the_node_and_give_each_rank_its_cores(script, tmp_path):
+    """On a cgroup-enforcing cluster a job that asks for nothing gets one core and DefMemPerCPU:
+    the scripts take the node, pass its cores to srun, and set OMP_NUM_THREADS per rank."""
+    text = (ROOT / "launch" / "slurm" / script).read_text()
+    directives = [line.split()[1] for line in text.splitlines() if line.startswith("#SBATCH ")]
+    assert "--exclusive" in directives and "--mem=0" in directives
+    assert "--cpus-per-task=" in text and "gc_threads" in text
+    # gc_threads on a 64-core node with 8 ranks: 8 threads per rank, whatever the shell had.
+    common = ROOT / "launch" / "slurm" / "_common.sh"
+    out = subprocess.run(
+        ["bash", "-c", f'source {common}; gc_threads 8 >/dev/null; echo "$OMP_NUM_THREADS '
+         f'$GC_CPUS_PER_TASK"'],
+        env={"PATH": os.environ["PATH"], "SLURM_CPUS_ON_NODE": "64", "OMP_NUM_THREADS": "99"},
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert out.stdout.split() == ["8", "8"], out.stderr
+    assert "PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True" in common.read_text()

@@ -40,9 +40,10 @@ def test_backend_model_states_follow_the_paper():
     """The deepspeed backends with bf16 and Adam are the paper's formulas with Ψ from the shapes;
     fsdp keeps fp32 shards of everything (16 B/param over the shards)."""
     from gradcycle.planner.memory import model_states, zero_model_states
+    from gradcycle.planner.zero import ZeroSettings
 
     for stage in (1, 2, 3):
-        s = _setup(backend=f"zero{stage}", persistence=0)
+        s = _setup(backend=f"zero{stage}", zero=ZeroSettings(persistence=0))
         want = zero_model_states(s.shape.n_params, 8, stage)
         assert model_states(s) == pytest.approx(want)
     fsdp = model_states(_setup())
@@ -86,6 +87,82 @@ def test_activation_bytes_by_hand():
     # autocast over fp32 parameters (ddp bf16): fp32 residual and three bf16 casts for q, k, v
     auto = layer_activation_bytes(s.shape, numerics("ddp", "bf16"))
     assert auto == 4096 * (8 + 6 + 10 + 8 + 4 + 8 * 11008 / 4096) + 4 * 32
+
+
+LLAMA_13B = (32000, 5120, 40, 40, 40, 13824)
+
+
+def test_zero3_step_holds_one_sub_group_not_foreach_temporaries():
+    """13B ZeRO-3 on 8 GPUs, micro-batch 1, full checkpointing (issue 10): the step converts one
+    sub-group (sub_group_size = 1e9 elements) from a 16-bit flat copy to fp32, 6 bytes per
+    element; fused AdamW adds nothing. Model states: 16-bit partition, 16-bit gradient partition
+    buffer, fp32 master + moments = 16 bytes over 8 GPUs, and one 5e8-element bucket."""
+    from gradcycle.planner.memory import GIB, Shape, estimate, temporaries
+    from gradcycle.planner.zero import ZeroSettings, largest_sub_group, persistent_numel
+
+    shape = Shape(*LLAMA_13B)
+    setup = _setup(shape=shape, backend="zero3", accumulation=256, checkpointed=tuple(range(40)))
+    sub = largest_sub_group(shape, setup.zero, 8)
+    assert 1e9 <= sub < 1e9 + 13824 * 5120 / 8  # cut after the partition that reaches 1e9
+    est = estimate(setup)
+    assert est.phase == "optimizer step"
+    assert est.breakdown["optimizer step buffers"] == 6 * sub
+    psi, persistent = shape.n_params, persistent_numel(shape, setup.zero)
+    want = 16 * psi / 8 + 2 * persistent + 2 * 5e8 + 6 * sub
+    assert est.peak == pytest.approx(want, rel=1e-6) and est.peak / GIB < 31  # was 37.3
+    smaller = _setup(shape=shape, backend="zero3", zero=ZeroSettings(sub_group=100_000_000))
+    assert temporaries(smaller)["step"] < 6 * 1.1e8
+    # fp32 models keep a master copy too (DeepSpeed's aliasing branch never matches)
+    fp32 = _setup(shape=shape, backend="zero3", precision="fp32", zero=ZeroSettings(persistence=0))
+    assert estimate(fp32).model_states["optimizer"] == pytest.approx(12 * psi / 8, rel=1e-6)
+
+
+def test_fused_adamw_adds_no_step_buffer():
+    """The optimizer is torch's fused AdamW: ddp and fsdp steps need no temporary; ZeRO-1/2 only
+    the fp32 copy of the gradient partition (plus its 16-bit flat copy in bf16)."""
+    from gradcycle.planner.memory import temporaries
+
+    for backend, shard in (("ddp", 1), ("fsdp", 8), ("hsdp", 4)):
+        assert temporaries(_setup(backend=backend, shard=shard))["step"] == 0
+    psi = 6_738_415_616
+    assert temporaries(_setup(backend="zero2"))["step"] == pytest.approx(6 * psi / 8, rel=1e-6)
+    fp32 = temporaries(_setup(backend="zero1", precision="fp32"))
+    assert fp32["step"] == pytest.approx(4 * psi / 8, rel=1e-6)
+
+
+def test_zero3_gathered_parameters_follow_the_coordinator():
+    """Replaying DeepSpeed's fetch/prefetch/release: a small model stays gathered whole (every
+    reuse lies within stage3_max_reuse_distance); a large one runs at stage3_max_live_parameters
+    (each fetch prefetches until that bound); reuse distance 0 with a low live bound keeps only
+    the current module and the prefetch."""
+    from gradcycle.planner.memory import Shape
+    from gradcycle.planner.zero import ZeroSettings, gathered
+
+    small = Shape(1024, 128, 4, 4, 4, 344)
+    z = ZeroSettings(persistence=0, prefetch_bucket=200_000)
+    assert gathered(small, (), z, 2)["at_loss"] == small.n_params
+    lean = ZeroSettings(persistence=0, prefetch_bucket=50_000, max_reuse=0, max_live=100_000)
+    largest_module = 344 * 128
+    assert max(gathered(small, (), lean, 2).values()) <= 100_000 + 2 * (50_000 + largest_module)
+    big = Shape(*LLAMA_13B)
+    live = gathered(big, tuple(range(40)), ZeroSettings(), 8)
+    assert all(1e9 <= v <= 1e9 + 2 * (5e7 + 5120 * 13824) for v in live.values())
+
+
+def test_zero_settings_come_from_the_generated_deepspeed_config():
+    """The planner reads the zero_optimization DeepSpeed gets (either key spelling, extras and
+    backend.param_persistence_threshold included) and the accumulation dtype."""
+    from gradcycle.planner.inputs import zero_settings
+    from gradcycle.planner.zero import settings
+
+    z = settings({"prefetch_bucket_size": 7, "stage3_max_live_parameters": 3e7},
+                 {"grad_accum_dtype": "fp32"}, "bf16")  # fmt: skip
+    assert (z.prefetch_bucket, z.max_live, z.grad_accum, z.comm) == (7, 30_000_000, 4, 2)
+    zo = "+backend.deepspeed_config.zero_optimization"
+    cfg = compose(["backend=zero3", "backend.param_persistence_threshold=0",
+                   f"{zo}.reduce_bucket_size=1000", f"{zo}.sub_group_size=5"])  # fmt: skip
+    z = zero_settings(cfg, "zero3")
+    assert (z.persistence, z.reduce_bucket, z.sub_group, z.max_reuse) == (0, 1000, 5, 10**9)
 
 
 def test_collectives_per_step():
@@ -160,6 +237,32 @@ def test_auto_trains_with_the_same_global_batch(tmp_path):
     records = train_steps(tmp_path / "auto", ["train.micro_batch_size=auto", "train.max_steps=2"])
     r = records[-1]
     assert r["samples"] == 8 and r["micro_batch_size"] * r["accumulation_steps"] == 8
+
+
+def test_planner_refuses_the_batch_training_refuses(capsys):
+    """Global 16, micro 4 on 8 GPUs is 32 samples per pass: train.py refuses it, so must the
+    planner (exit 2, training's own message), including the start-up path with sync=auto."""
+    from gradcycle.batching import plan_from_config
+    from gradcycle.planner.auto import resolve_auto
+    from gradcycle.planner.plan import main, make_plan
+
+    over = ["model=llama-7b", "backend=zero3", "nodes=1", "gpus_per_node=8"]
+    with pytest.raises(ValueError) as training:
+        plan_from_config(compose(over), 8)
+    message = str(training.value)
+    assert "train.global_batch_size=16" in message and "train.micro_batch_size=4" in message
+    assert main(over) == 2
+    out = capsys.readouterr()
+    assert out.err.strip() == f"gradcycle.plan: error: {message}" and out.out == ""
+    with pytest.raises(ValueError, match="is not divisible by") as planned:
+        make_plan(compose(over))
+    assert str(planned.value) == message
+    with pytest.raises(ValueError) as started:
+        resolve_auto(compose([*over, "backend.sync=auto"]), 8, 1)
+    assert str(started.value) == message
+    # micro_batch_size=auto cuts the same global batch and still plans
+    js = _plan_json([*over, "hardware=a100-40gb", "precision=bf16", "train.micro_batch_size=auto"])
+    assert js["fits"] and js["micro_batch_size"] * js["accumulation_steps"] * 8 == 16
 
 
 def test_nothing_fits_says_what_would():
@@ -251,7 +354,36 @@ def test_two_rank_peak_prediction_within_15_percent():
     from multiproc import run_on_ranks
 
     cases = [mc.case("h128-L4", "ddp", 4, 2), mc.case("h128-L4", "fsdp", 4, 2),
-             mc.case("h128-L4", "fsdp", 8, 2, ac="full")]  # fmt: skip
+             mc.case("h128-L4", "fsdp", 8, 2, ac="full"), mc.case("h128-L4", "zero3", 4, 2)]  # fmt: skip
     rows = mc.max_over_ranks(run_on_ranks(mc.measure, 2, args=(cases,)))
     for name, _, measured, predicted, _, _ in rows:
         assert abs(predicted - measured) / measured < 0.15, (name, measured, predicted)
+
+
+def test_planner_sizes_fp16_zero_for_the_target_not_this_cpu(monkeypatch):
+    """A login node's CPU without fp16 kernels must not refuse to plan fp16 ZeRO for a GPU."""
+    from deepspeed.accelerator import real_accelerator
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    from gradcycle.planner.plan import main
+
+    monkeypatch.setattr(real_accelerator, "ds_accelerator", real_accelerator.ds_accelerator)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setattr(CPU_Accelerator, "is_fp16_supported", lambda self: False)
+    js = _plan_json(["experiment=llama-13b-1node", "backend=zero3", "precision=fp16"])
+    assert js["peak_bytes_per_gpu"] > 0
+    with redirect_stdout(io.StringIO()):
+        assert main(["experiment=llama-13b-1node", "backend=zero3", "precision=fp16"]) == 0
+
+
+def test_zero1_bf16_counts_the_fp32_accumulation_buffer():
+    from gradcycle.planner.plan import make_plan
+
+    base = ["model=llama-1b", "hardware=a100-80gb", "backend=zero1", "data.seq_len=2048",
+            "train.global_batch_size=64", "train.micro_batch_size=1", "nodes=1"]  # fmt: skip
+    bf16 = make_plan(compose([*base, "precision=bf16"]))
+    bf16_accum = make_plan(compose([*base, "precision=bf16",
+                                    "+backend.deepspeed_config.data_types.grad_accum_dtype=bf16"]))  # fmt: skip
+    psi = bf16.shape.n_params
+    assert bf16.configured.est.model_states["gradients"] == psi * 6  # bf16 grads + fp32 sum
+    assert bf16_accum.configured.est.model_states["gradients"] == psi * 2

@@ -52,8 +52,10 @@ def slurm_env():
     reason = _can_run()
     if reason:
         pytest.skip(reason)
+    # Both fake nodes share this machine's cores: one thread per rank (the scripts would give
+    # each rank its node's share, i.e. every core twice over).
     env = {**os.environ, "GRADCYCLE_SLURM_DIR": str(SLURM_DIR),
-           "SLURM_CONF": str(SLURM_DIR / "slurm.conf")}  # fmt: skip
+           "SLURM_CONF": str(SLURM_DIR / "slurm.conf"), "GRADCYCLE_OMP_THREADS": "1"}  # fmt: skip
     # One test session at a time drives the cluster: another one would stop it under our jobs.
     with open(f"{SLURM_DIR}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -133,3 +133,24 @@ def test_two_rank_ddp_profile_sees_the_gradient_all_reduce(tmp_path):
     assert math.isfinite(r["mfu"]) and 0 < r["mfu"] <= 1
     traces = sorted(p.name for p in (tmp_path / "ddp" / "profile").iterdir())
     assert traces == ["rank0.step2.pt.trace.json", "rank1.step2.pt.trace.json"]
+
+
+def test_collective_leaves_follow_the_installed_torch():
+    """torch 2.13 counts the *_single leaves; a torch without them (2.11) counts the older names
+    FSDP2 calls there, and never both."""
+    from types import SimpleNamespace
+
+    from gradcycle.telemetry import leaf_functions
+
+    fn = lambda *a, **k: None  # noqa: E731
+    new = SimpleNamespace(all_reduce=fn, broadcast=fn, all_gather=fn, reduce_scatter=fn,
+                          all_gather_single=fn, reduce_scatter_single=fn,
+                          all_gather_into_tensor=fn, reduce_scatter_tensor=fn)  # fmt: skip
+    old = SimpleNamespace(all_reduce=fn, broadcast=fn, all_gather=fn, reduce_scatter=fn,
+                          all_gather_into_tensor=fn, reduce_scatter_tensor=fn)  # fmt: skip
+    assert "all_gather_single" in leaf_functions(new)
+    assert "all_gather_into_tensor" not in leaf_functions(new)
+    got = leaf_functions(old)
+    assert {"all_gather_into_tensor", "reduce_scatter_tensor"} <= set(got)
+    assert got["all_gather_into_tensor"][0] == "all_gather"
+    assert got["reduce_scatter_tensor"][0] == "reduce_scatter"

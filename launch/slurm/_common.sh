@@ -23,14 +23,27 @@ gc_setup() {
 	else
 		GC_PYTHON=$(command -v python3 || command -v python)
 	fi
-	# One thread per rank unless the job asked for CPUs per task: N ranks x all cores thrash.
-	export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 	export TOKENIZERS_PARALLELISM=false
+	# Fewer fragmentation OOMs when shapes vary (ragged batches, evaluation).
+	export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 	GC_MASTER=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 	GC_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 	GC_RESTART=${SLURM_RESTART_COUNT:-0}
 	echo "gradcycle: job $SLURM_JOB_ID (restart $GC_RESTART) on $SLURM_JOB_NODELIST," \
 		"python $GC_PYTHON, rendezvous $GC_MASTER:$GC_PORT"
+}
+
+# gc_threads <ranks per node>: the node's cores split over its ranks. The job holds the whole node
+# (--exclusive --mem=0), but a step's task only gets the CPUs srun gives it (--cpus-per-task, set
+# from GC_CPUS_PER_TASK by the scripts); OMP_NUM_THREADS is set to the cores of one rank (never a
+# stale value from the submitting shell: N ranks x all cores thrash). GRADCYCLE_OMP_THREADS
+# overrides the thread count.
+gc_threads() {
+	local ranks=$1 cores=${SLURM_CPUS_ON_NODE:-1}
+	((ranks > 0)) || ranks=1
+	GC_CPUS_PER_TASK=$((cores / ranks > 0 ? cores / ranks : 1))
+	export OMP_NUM_THREADS=${GRADCYCLE_OMP_THREADS:-$GC_CPUS_PER_TASK}
+	echo "gradcycle: $cores cores on this node, $ranks rank(s) per node, OMP_NUM_THREADS=$OMP_NUM_THREADS"
 }
 
 # gc_overrides <hydra overrides...>: the job's overrides plus resume=auto on a requeued run

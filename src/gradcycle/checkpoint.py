@@ -26,8 +26,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -37,16 +37,23 @@ from omegaconf import OmegaConf
 from torch.distributed.checkpoint.api import CheckpointException
 
 from gradcycle import distributed
+from gradcycle.checkpoint_index import (
+    FORMAT_VERSION,
+    LATEST,
+    TMP,
+    TRASH,
+    check_files,
+    complete_checkpoints,
+    find_latest,
+    read_meta,
+    resolve,
+    step_of,
+)
 from gradcycle.faults import Faults
-from gradcycle.safe_load import dcp_reader, unreadable_file, weights_only_loads
+from gradcycle.safe_load import unreadable_file, weights_only_loads
 from gradcycle.telemetry import CommCounter
 from gradcycle.timeouts import long_phase
 
-FORMAT_VERSION = 1
-LATEST = "latest"
-TMP = ".tmp-"  # a checkpoint being written
-TRASH = ".del-"  # a checkpoint being deleted (renamed first, so no half-deleted step_<N> exists)
-_STEP_DIR = re.compile(r"step_(\d+)")
 # Model fields that change parameter shapes: a mismatch is named by field, not only by tensor.
 SHAPE_FIELDS = ("pretrained", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                 "intermediate_size", "vocab_size", "tie_embeddings")  # fmt: skip
@@ -63,98 +70,6 @@ def _barrier() -> None:
 
 def state_format(backend_name: str) -> str:
     return "deepspeed" if backend_name.startswith("zero") else "dcp"
-
-
-# ---------------------------------------------------------------- finding checkpoints
-
-
-def step_of(path: Path) -> int:
-    m = _STEP_DIR.fullmatch(path.name)
-    return int(m.group(1)) if m else -1
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """step_<N> dirs holding trainer.json, oldest first."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if step_of(p) >= 0 and (p / "trainer.json").is_file()]
-    return sorted(found, key=step_of)
-
-
-def find_latest(root: Path) -> Path | None:
-    """The checkpoint `latest` names; without a pointer, the newest complete one; else None."""
-    pointer = root / LATEST
-    if pointer.exists():
-        name = pointer.read_text(errors="replace").strip()
-        target = root / name
-        if step_of(target) < 0 or not (target / "trainer.json").is_file():
-            raise ValueError(
-                f"{pointer} names {name!r}, which is not a complete checkpoint in {root}: point "
-                "it at an existing step_<N> directory or resume=<path to a checkpoint>"
-            )
-        return target
-    done = complete_checkpoints(root)
-    return done[-1] if done else None
-
-
-def resolve(path: str | Path) -> Path:
-    """A step dir, a checkpoints dir or a run dir -> one step dir (the latest where not explicit)."""
-    path = Path(path).expanduser().resolve()
-    if (path / "trainer.json").is_file():
-        return path
-    for root in (path, path / "checkpoints"):
-        if (root / LATEST).exists() or complete_checkpoints(root):
-            found = find_latest(root)
-            if found is not None:
-                return found
-    if path.name.startswith(TMP) or step_of(path) >= 0:
-        raise ValueError(
-            f"{path / 'trainer.json'} is missing: {path} is an incomplete checkpoint (its write "
-            "was interrupted); use the run's `latest` checkpoint instead"
-        )
-    raise ValueError(f"{path}: not a checkpoint (no trainer.json) and holds no checkpoints/latest")
-
-
-def read_meta(step_dir: Path) -> dict:
-    path = step_dir / "trainer.json"
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(
-            f"{path} is unreadable or corrupt ({e}): resume from another checkpoint"
-        ) from e
-    missing = [k for k in ("format_version", "step", "state", "format", "files", "params")
-               if not isinstance(meta, dict) or k not in meta]  # fmt: skip
-    if missing:
-        raise ValueError(f"{path}: field(s) {', '.join(missing)} missing: the file is corrupt")
-    if meta["format_version"] != FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: format_version={meta['format_version']}, this gradcycle reads "
-            f"{FORMAT_VERSION}"
-        )
-    return meta
-
-
-def check_files(step_dir: Path, meta: dict) -> None:
-    """Every file trainer.json lists exists with its recorded size, and the metadata parses."""
-    for rel, size in sorted(meta["files"].items()):
-        path = step_dir / rel
-        if not path.is_file():
-            raise ValueError(
-                f"{path} is missing (trainer.json lists it): the checkpoint is incomplete; "
-                "resume from an earlier one with resume=<path>"
-            )
-        if path.stat().st_size != size:
-            raise ValueError(
-                f"{path} has {path.stat().st_size} bytes, trainer.json records {size}: the file "
-                "is truncated or corrupt; resume from an earlier checkpoint with resume=<path>"
-            )
-    if meta["format"] == "dcp":
-        metadata = step_dir / "state" / ".metadata"
-        try:
-            dcp_reader(step_dir / "state").read_metadata()
-        except Exception as e:  # unpickling garbage raises anything
-            raise ValueError(f"{metadata} is corrupt ({type(e).__name__}: {e})") from e
 
 
 def param_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
@@ -178,12 +93,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _discard(path: Path) -> None:
-    """Delete a directory so that no half-deleted copy keeps a name that looks valid."""
+def _to_trash(path: Path) -> Path:
+    """Rename a directory out of the way: no half-deleted copy keeps a name that looks valid."""
     trash = path.with_name(TRASH + path.name)
     shutil.rmtree(trash, ignore_errors=True)
     path.rename(trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    return trash
+
+
+def _delete_all(paths: list[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _discard(path: Path) -> None:
+    _delete_all([_to_trash(path)])
 
 
 # ---------------------------------------------------------------- the checkpointer
@@ -200,6 +124,7 @@ class Checkpointer:
         self.world = plan.world_size
         self.faults = faults if faults is not None else Faults.from_env(self.rank)
         self.format = state_format(cfg.backend.name)
+        self._pruner: threading.Thread | None = None
 
     # -- resume ----------------------------------------------------------------------------
     def resume(self, state) -> Path | None:
@@ -329,7 +254,9 @@ class Checkpointer:
         comm = CommCounter.instance()
         if main:
             self.root.mkdir(parents=True, exist_ok=True)
-            # Writes and deletions that died with an earlier process of this run.
+            # Writes and deletions that died with an earlier process of this run (our own
+            # background deletion, if still running, finishes first).
+            self.wait_for_pruning()
             for stale in [*self.root.glob(f"{TMP}*"), *self.root.glob(f"{TRASH}*")]:
                 shutil.rmtree(stale, ignore_errors=True)
             (tmp / "rng").mkdir(parents=True)
@@ -343,6 +270,8 @@ class Checkpointer:
             self._finish(state, tmp, done)
         _barrier()
         comm.take()  # the save's collectives belong to no training step
+        if main:  # after the barrier, in the background: nobody waits for the deletion
+            self._prune(state.step)
         return done
 
     def _finish(self, state, tmp: Path, done: Path) -> None:
@@ -385,12 +314,25 @@ class Checkpointer:
         _fsync_write(pointer, done.name + "\n")
         os.replace(pointer, self.root / LATEST)
         _fsync_dir(self.root)
-        self._prune(state.step)
 
     def _prune(self, step: int) -> None:
         """Keep the `checkpoint.keep` newest complete checkpoints up to `step`; never touch the
-        one just written nor any from a later step (those belong to a superseded timeline)."""
+        one just written nor any from a later step (those belong to a superseded timeline).
+
+        Each old checkpoint is renamed to `.del-step_<N>` at once (so no half-deleted directory
+        keeps a valid name) and deleted by a background thread: at 70B that is hundreds of GB,
+        which must not hold rank 0 back while the other ranks wait in the next collective.
+        A deletion cut short by the process ending is finished by the next save."""
+        self.wait_for_pruning()
         older = [p for p in complete_checkpoints(self.root) if step_of(p) < step]
         excess = len(older) - (self.cfg.checkpoint.keep - 1)
-        for path in older[: max(0, excess)]:
-            _discard(path)
+        trash = [_to_trash(path) for path in older[: max(0, excess)]]
+        if trash:
+            self._pruner = threading.Thread(target=_delete_all, args=(trash,), daemon=True,
+                                            name="gradcycle-prune")  # fmt: skip
+            self._pruner.start()
+
+    def wait_for_pruning(self) -> None:
+        if self._pruner is not None:
+            self._pruner.join()
+            self._pruner = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from gradcycle.config import EXIT_USAGE, compose, default_conf_dir, user_error
+from gradcycle.compose import EXIT_USAGE, compose, default_conf_dir, user_error
 
 EXIT_HALT = 3  # train.on_nonfinite=halt
 

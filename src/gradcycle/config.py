@@ -8,10 +8,9 @@ types are rejected at composition. `validate()` checks values and cross-field ru
 from __future__ import annotations
 
 import glob
+import math
 import os
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -101,6 +100,12 @@ class ActivationCheckpointingConfig:
 
 
 @dataclass
+class LossConfig:
+    impl: str = "chunked"  # chunked | full | liger (gradcycle/loss.py)
+    chunk_tokens: int = 256  # chunked: tokens whose fp32 logits exist at a time
+
+
+@dataclass
 class WandbConfig:
     mode: str = "disabled"  # disabled | offline | online
     project: str = "gradcycle"
@@ -123,12 +128,15 @@ class CheckpointConfig:
 
 @dataclass
 class HardwareConfig:
-    name: str = "cpu"
-    memory_gb: float = 24.0
-    bf16_tflops: float = 1.0  # peak dense bf16 per device, for MFU
-    intra_node_gbps: float = 10.0  # per-device bus bandwidth, GB/s
-    inter_node_gbps: float = 10.0
-    reserved_gb: float = 0.0  # planner: memory_gb not available to tensors (context, NCCL)
+    """A device profile (conf/hardware/). name=auto: detected at start-up (gradcycle/hardware.py);
+    a field left None there comes from the detected profile, one set explicitly is kept."""
+
+    name: str = "auto"
+    memory_gb: float | None = None
+    bf16_tflops: float | None = None  # peak dense bf16 per device, for MFU; None = unknown
+    intra_node_gbps: float | None = None  # per-device bus bandwidth, GB/s
+    inter_node_gbps: float | None = None
+    reserved_gb: float | None = None  # planner: memory_gb not available to tensors (context, NCCL)
 
 
 @dataclass
@@ -159,6 +167,7 @@ class Config:
     activation_checkpointing: ActivationCheckpointingConfig = field(
         default_factory=ActivationCheckpointingConfig
     )
+    loss: LossConfig = field(default_factory=LossConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
@@ -167,51 +176,6 @@ class Config:
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="gradcycle_schema", node=Config)
-
-
-EXIT_USAGE = 2  # bad config or data: nothing started, nothing written
-
-
-def default_conf_dir() -> str:
-    return str(Path(__file__).resolve().parents[2] / "conf")
-
-
-def compose(overrides: list[str], conf_dir: str | None = None, config_name: str = "config"):
-    """The same composition as train.py: for tools (plan, export) and tests."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=conf_dir or default_conf_dir(), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=overrides)
-
-
-def user_error(exc: BaseException) -> str | None:
-    """A one-paragraph message for errors the user can fix; None for internal errors."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    if isinstance(exc, ValueError):
-        return str(exc)
-    if isinstance(exc, (HydraException, OmegaConfBaseException)):
-        text = str(exc).strip().splitlines()
-        msg = " ".join(
-            line.strip() for line in text if line.strip() and not line.startswith("    ")
-        )
-        msg = re.sub(r"\s*Config search path:.*", "", msg)
-        unknown = re.search(r"Could not override '([^']+)'", msg)
-        if unknown:
-            return (
-                f"unknown config key '{unknown.group(1)}': check its spelling against "
-                "conf/config.yaml (every key is typed in gradcycle/config.py)"
-            )
-        cause = exc.__cause__ or exc.__context__
-        if cause is not None and str(cause) not in msg:
-            msg += f" ({str(cause).splitlines()[0]})"
-        return msg + " - see conf/ for the valid groups and keys"
-    return None
 
 
 BACKENDS = ("ddp", "zero1", "zero2", "zero3", "fsdp", "hsdp")
@@ -227,13 +191,17 @@ def _one_of(name: str, value: Any, choices: tuple) -> None:
 def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
     if value is None:
         return
+    if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison
+        raise ValueError(f"{name}={value} must be a finite number")
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name}={value} is out of range: it must be {bound}")
 
 
-def validate(cfg: Any) -> None:
-    """Check every user-facing value; raise ValueError naming the field and the fix."""
+def validate(cfg: Any, this_machine: bool = True) -> None:
+    """Check every user-facing value; raise ValueError naming the field and the fix.
+    `this_machine=False` (the planner, sizing a target cluster) skips the checks that ask this
+    machine's devices (DeepSpeed's fp16 support)."""
     _one_of("precision", cfg.precision, ("fp32", "bf16", "fp16"))
     _one_of("device", cfg.device, ("auto", "cpu", "cuda"))
     _one_of("backend.name", cfg.backend.name, BACKENDS)
@@ -253,8 +221,13 @@ def validate(cfg: Any) -> None:
             f"plan.mfu={cfg.plan.mfu} and plan.headroom={cfg.plan.headroom} must be within (0, 1]"
         )
 
-    if cfg.optim.lr <= 0:
-        raise ValueError(f"optim.lr={cfg.optim.lr} must be > 0 (e.g. optim.lr=3e-4)")
+    if not math.isfinite(cfg.optim.lr) or cfg.optim.lr <= 0:
+        raise ValueError(f"optim.lr={cfg.optim.lr} must be > 0 and finite (e.g. optim.lr=3e-4)")
+    for name in ("beta1", "beta2"):
+        if not 0 <= cfg.optim[name] < 1:
+            raise ValueError(f"optim.{name}={cfg.optim[name]} must be within [0, 1), e.g. 0.9")
+    _positive("optim.eps", cfg.optim.eps)
+    _positive("optim.momentum", cfg.optim.momentum, allow_zero=True)
     _positive("optim.weight_decay", cfg.optim.weight_decay, allow_zero=True)
     _positive("optim.warmup_steps", cfg.optim.warmup_steps, allow_zero=True)
     if not 0 <= cfg.optim.min_lr_ratio <= 1:
@@ -328,8 +301,18 @@ def validate(cfg: Any) -> None:
             raise ValueError(
                 f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={kv}"
             )
-    elif _looks_local(m.pretrained) and not os.path.isdir(m.pretrained):
-        raise ValueError(f"model.pretrained={m.pretrained!r}: no such directory")
+    elif _looks_local(m.pretrained):
+        check_model_dir("model.pretrained", m.pretrained, tokenizer=cfg.data.tokenizer is None)
+    if cfg.data.tokenizer is not None and _looks_local(cfg.data.tokenizer):
+        check_model_dir("data.tokenizer", cfg.data.tokenizer, model=False)
+    for key in ("memory_gb", "bf16_tflops", "intra_node_gbps", "inter_node_gbps"):
+        _positive(f"hardware.{key}", cfg.hardware[key])
+    _positive("hardware.reserved_gb", cfg.hardware.reserved_gb, allow_zero=True)
+    if cfg.hardware.name != "auto" and cfg.hardware.memory_gb is None:
+        raise ValueError(
+            f"hardware={cfg.hardware.name} sets no hardware.memory_gb: give the profile its memory "
+            "(GiB per device), or use hardware=auto"
+        )
 
     if cfg.backend.deepspeed_config and not cfg.backend.name.startswith("zero"):
         raise ValueError(
@@ -343,14 +326,59 @@ def validate(cfg: Any) -> None:
     from gradcycle.backends.ds_config import check_user_config
 
     check_user_config(cfg)  # DeepSpeed's own rules (batch keys, sync), before any process group
+    if this_machine and cfg.precision == "fp16" and cfg.backend.name.startswith("zero"):
+        from gradcycle.backends.ds_config import deepspeed_supports_fp16
+        from gradcycle.distributed import device_type
+
+        where = device_type(cfg.device)
+        if not deepspeed_supports_fp16(where):
+            raise ValueError(
+                f"precision=fp16 with backend={cfg.backend.name}: DeepSpeed does not support fp16 "
+                f"on this {where.upper()} (its accelerator reports no fp16 kernels, e.g. a CPU "
+                "without AVX512-FP16/AMX); use precision=bf16 or precision=fp32, or "
+                "backend=ddp for fp16 autocast with a GradScaler"
+            )
     if cfg.precision == "fp16" and cfg.backend.name in ("fsdp", "hsdp"):
         raise ValueError(
             f"precision=fp16 with backend={cfg.backend.name}: FSDP2 has no sharded fp16 loss scaler "
             "here; use precision=bf16"
         )
+    _one_of("loss.impl", cfg.loss.impl, ("chunked", "full", "liger"))
+    _positive("loss.chunk_tokens", cfg.loss.chunk_tokens)
+    if cfg.loss.impl == "liger":
+        from gradcycle.loss import check_liger
+
+        check_liger(cfg.device)
     if cfg.resume not in ("none", "auto") and not os.path.exists(cfg.resume):
         raise ValueError(
             f"resume={cfg.resume!r}: no such checkpoint (use resume=auto or resume=none)"
+        )
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")  # fmt: skip
+
+
+def check_model_dir(name: str, path: str, model: bool = True, tokenizer: bool = True) -> None:
+    """A local Hugging Face folder: say which field, which folder and what is missing in it."""
+    folder = os.path.expanduser(path)
+    if not os.path.isdir(folder):
+        what = "a save_pretrained folder" if model else "a tokenizer folder (save_pretrained)"
+        raise ValueError(f"{name}={path!r}: no such directory; give {what} or a hub id")
+    present = set(os.listdir(folder))
+    missing = []
+    if model and "config.json" not in present:
+        missing.append("config.json")
+    if model and not present & set(WEIGHT_FILES):
+        missing.append("weights (" + " or ".join(WEIGHT_FILES[::2]) + ")")
+    if tokenizer and not present & set(TOKENIZER_FILES):
+        missing.append("tokenizer files (" + " or ".join(TOKENIZER_FILES[:2]) + ")")
+    if missing:
+        raise ValueError(
+            f"{name}={path!r}: the folder lacks {', '.join(missing)}; point it at a complete "
+            "save_pretrained folder"
+            + (" (or set data.tokenizer=<tokenizer folder>)" if model and tokenizer else "")
         )
 
 

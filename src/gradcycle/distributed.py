@@ -264,8 +264,13 @@ def export_env(env: DistEnv) -> None:
     os.environ["MASTER_PORT"] = env.master_port or os.environ.get("MASTER_PORT", "29500")
 
 
+def device_type(wanted: str) -> str:
+    """What `device=auto|cpu|cuda` resolves to on this machine: "cuda" or "cpu"."""
+    return "cuda" if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def pick_device(env: DistEnv, wanted: str) -> torch.device:
-    if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
+    if device_type(wanted) == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("device=cuda but no CUDA device is visible: use device=cpu")
         if env.local_rank >= torch.cuda.device_count():

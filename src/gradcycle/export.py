@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from gradcycle.checkpoint import check_files, read_meta, resolve
+from gradcycle.checkpoint_index import check_files, read_meta, resolve
 from gradcycle.safe_load import SafeFileSystemReader, weights_only_loads
 from gradcycle.weights import zero_source
 from gradcycle.weights.safetensors_out import Entry, parse_size, write_sharded

@@ -19,6 +19,7 @@ Fault injection (tests only; unset in normal runs, and then every hook is a no-o
                              and before the rename that completes it
     nan_loss:<step>          that step's loss becomes NaN (so do its gradients)
     inf_grad:<step>          that step's gradients become inf, its loss stays finite
+    oom:<step>:<micro>       raise torch.OutOfMemoryError there (a device out of memory)
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 ENV_VAR = "GRADCYCLE_FAULT"
-KINDS = ("kill", "sigterm", "sigusr1", "hang", "kill_in_save", "nan_loss", "inf_grad")
+KINDS = ("kill", "sigterm", "sigusr1", "hang", "kill_in_save", "nan_loss", "inf_grad", "oom")
 _AT_MICRO = {"kill": signal.SIGKILL, "sigterm": signal.SIGTERM, "sigusr1": signal.SIGUSR1,
              "hang": signal.SIGSTOP}  # fmt: skip
 
@@ -113,7 +114,7 @@ def parse(spec: str) -> list[Fault]:
                 f"{ENV_VAR}={spec!r}: cannot parse {item!r}; expected <kind>:<step>[:<micro>]"
                 f"[@<rank>] with kind one of {', '.join(KINDS)}"
             )
-        micro = int(nums[1]) if len(nums) > 1 else (0 if kind in _AT_MICRO else None)
+        micro = int(nums[1]) if len(nums) > 1 else (0 if kind in (*_AT_MICRO, "oom") else None)
         faults.append(Fault(kind, int(nums[0]), micro, int(rank) if rank else None))
     return faults
 
@@ -138,6 +139,8 @@ class Faults:
         for kind, sig in _AT_MICRO.items():
             if self._hit(kind, step0 + 1, micro):
                 _flush_and_kill(sig)
+        if self._hit("oom", step0 + 1, micro):
+            raise torch.OutOfMemoryError("CUDA out of memory (injected: GRADCYCLE_FAULT=oom)")
 
     def wrap_loss(self, step0: int, loss_fn):
         if not self.faults:

@@ -3,7 +3,8 @@
 Collectives are counted by wrapping the leaf functions of `torch.distributed` once per process
 (before DeepSpeed or FSDP capture them). In torch 2.13 FSDP2 calls `all_gather_single` /
 `reduce_scatter_single`; the deprecated names forward to those, so only the leaves are wrapped and
-nothing is counted twice. DDP's C++ reducer is routed through a Python comm hook (backends/ddp.py).
+nothing is counted twice. Older torch (2.11, 2.12) has no *_single functions: there the older
+`all_gather_into_tensor` / `reduce_scatter_tensor` are the leaves (`leaf_functions`). DDP's C++ reducer is routed through a Python comm hook (backends/ddp.py).
 Counting is host-side bookkeeping only: no device synchronisation.
 """
 
@@ -43,6 +44,24 @@ _LEAVES = {
 }
 
 
+# torch < 2.13 has no *_single functions: there FSDP2 calls these older names, with the same
+# (output, input) positional layout. Only one of each pair is ever wrapped: nothing counts twice.
+_OLDER = {
+    "all_gather_single": "all_gather_into_tensor",
+    "reduce_scatter_single": "reduce_scatter_tensor",
+}
+
+
+def leaf_functions(c10d_module) -> dict[str, tuple]:
+    """The collectives to wrap in this torch: {function name: (reported op, sizer)}."""
+    out = {}
+    for leaf, spec in _LEAVES.items():
+        name = leaf if hasattr(c10d_module, leaf) else _OLDER.get(leaf)
+        if name is not None and hasattr(c10d_module, name):
+            out[name] = spec
+    return out
+
+
 def _arg(args: tuple, kwargs: dict, index: int, name: str):
     return args[index] if len(args) > index else kwargs.get(name)
 
@@ -74,7 +93,7 @@ class CommCounter:
     def install(self) -> None:
         if self._installed:
             return
-        for leaf, (op, size) in _LEAVES.items():
+        for leaf, (op, size) in leaf_functions(c10d).items():
             original = getattr(c10d, leaf)
             wrapped = self._wrap(original, op, size)
             setattr(c10d, leaf, wrapped)

@@ -20,15 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from gradcycle import checkpoint, distributed
+from gradcycle import checkpoint, distributed, hardware
 from gradcycle.backends import build_backend
 from gradcycle.batching import BatchPlan, lr_at, plan_from_config
 from gradcycle.config import validate
 from gradcycle.data import IGNORE_INDEX, GlobalBatches, eval_batches, load_corpus, split_corpus
 from gradcycle.faults import Faults, StopSignal, requeue_under_slurm
+from gradcycle.loss import attach as attach_loss
+from gradcycle.loss import summed_token_ce
 from gradcycle.model import (
     apply_activation_checkpointing,
     batchnorm_guard,
@@ -47,17 +48,12 @@ class NonFiniteHalt(RuntimeError):
     """train.on_nonfinite=halt met a NaN/inf: stop without writing anything new."""
 
 
-def token_loss(model, batch: dict, norm: torch.Tensor | float) -> torch.Tensor:
-    """Sum of next-token cross-entropy over real targets, divided by the cycle's token count."""
-    logits = model(input_ids=batch["input_ids"]).logits
-    labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        labels.flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss / norm
+def token_loss(model, batch: dict, norm: torch.Tensor | float, impl: str = "chunked",
+               chunk_tokens: int = 2048) -> torch.Tensor:  # fmt: skip
+    """Sum of next-token cross-entropy over real targets, divided by the cycle's token count.
+    The sum is fp32 whatever the precision; `impl`/`chunk_tokens` (loss.*) only change how much
+    memory the logits take (gradcycle/loss.py)."""
+    return summed_token_ce(model, batch, impl, chunk_tokens) / norm
 
 
 def count_targets(micro_batches: list[dict]) -> int:
@@ -96,6 +92,7 @@ def run(cfg) -> dict:
     """Train according to `cfg` (a composed config). Returns the last step's record."""
     validate(cfg)  # every user error before anything starts or is written
     env = distributed.read_env()
+    cfg = hardware.resolve(cfg, distributed.device_type(cfg.device))  # hardware=auto: detect
     nodes = distributed.nodes_from_env() or cfg.nodes
     # train.micro_batch_size=auto / backend.sync=auto: the planner's choice, global batch kept
     cfg = plan_auto.resolve_auto(cfg, env.world_size, nodes)
@@ -127,6 +124,8 @@ def _run(cfg, env, nodes: int) -> dict:
     def make_model(where: str, dtype: torch.dtype = torch.float32):
         model = build_model(cfg.model, vocab, where, seed=cfg.seed, dtype=dtype)
         apply_activation_checkpointing(model, ac.mode, ac.every)
+        if cfg.loss.impl != "full":
+            attach_loss(model)  # the chunked loss runs inside the model's own forward
         return batchnorm_guard(model, plan.micro_batch_size, cfg.model.sync_batchnorm, is_dist)
 
     if env.is_main:  # before anything is allocated: what each rank is about to hold
@@ -156,6 +155,7 @@ def _run(cfg, env, nodes: int) -> dict:
     if resumed_from and env.is_main:
         print(f"resumed from {resumed_from} at step {state.step}", flush=True)
 
+    loss_args = {"impl": cfg.loss.impl, "chunk_tokens": cfg.loss.chunk_tokens}
     sink = MetricsSink(run_dir, cfg, env.is_main, OmegaConf.to_container(cfg, resolve=True))
     batches = GlobalBatches(
         train_set, plan.global_batch_size, cfg.seed, corpus.tokenizer.pad_token_id
@@ -177,7 +177,7 @@ def _run(cfg, env, nodes: int) -> dict:
             count = _to_device(count_targets(micro), device)
             with comm.suspended():  # the trainer's own collectives are not the backend's
                 n_tokens = distributed.all_reduce_tensor([count], device)
-            loss_fn = functools.partial(token_loss, norm=n_tokens[0].clamp(min=1))
+            loss_fn = functools.partial(token_loss, norm=n_tokens[0].clamp(min=1), **loss_args)
             loss_fn = faults.wrap_loss(step, loss_fn)  # tests only: an injected NaN/inf
             losses = []
             with backend.cycle():
@@ -242,14 +242,17 @@ def _run(cfg, env, nodes: int) -> dict:
         progress.close()
         sink.close()
         stop.uninstall()
-        backend.close()
+        # A failing rank must not wait in a teardown barrier the others never reach.
+        backend.close(failing=sys.exc_info()[0] is not None)
+        ckpt.wait_for_pruning()  # rank 0's background deletion of old checkpoints
     progress.summary(record)
     return record
 
 
 def _record(state, plan: BatchPlan, cfg, env, loss, result, n_tokens, dt, lr, fpt, device, comm):
     tokens_per_s = n_tokens / dt if dt > 0 else 0.0
-    peak = cfg.hardware.bf16_tflops * 1e12 * env.world_size  # FLOP/s of all ranks together
+    # FLOP/s of all ranks together; an unknown device has no peak, hence no MFU (never a guess)
+    peak = (cfg.hardware.bf16_tflops or 0.0) * 1e12 * env.world_size
     return {
         "step": state.step,
         "loss": loss,
@@ -262,8 +265,8 @@ def _record(state, plan: BatchPlan, cfg, env, loss, result, n_tokens, dt, lr, fp
         "world_size": env.world_size,
         "step_time_s": dt,
         "tokens_per_s": tokens_per_s,
-        "mfu": fpt[0] * tokens_per_s / peak,
-        "hfu": fpt[1] * tokens_per_s / peak,  # + recomputed forwards (activation checkpointing)
+        "mfu": fpt[0] * tokens_per_s / peak if peak else None,
+        "hfu": fpt[1] * tokens_per_s / peak if peak else None,  # + activation recompute
         "peak_mem_bytes": peak_memory_bytes(device),
         "skipped": bool(result.skipped),
         "skipped_steps": state.skipped_steps,
@@ -277,9 +280,11 @@ def _record(state, plan: BatchPlan, cfg, env, loss, result, n_tokens, dt, lr, fp
 def evaluate(backend, val_set, plan, cfg, env, device, pad_id) -> dict:
     """Token-weighted validation loss over the same batches on any world size."""
     losses, tokens = [], 0
+    loss_fn = functools.partial(token_loss, norm=1.0, impl=cfg.loss.impl,
+                                chunk_tokens=cfg.loss.chunk_tokens)  # fmt: skip
     for batch in eval_batches(val_set, plan.micro_batch_size, cfg.train.eval_batches, env.rank,
                               env.world_size, pad_id):  # fmt: skip
-        losses.append(backend.eval_loss(batch, functools.partial(token_loss, norm=1.0)))
+        losses.append(backend.eval_loss(batch, loss_fn))
         tokens += count_targets([batch])
     with CommCounter.instance().suspended():
         sums = distributed.all_reduce_tensor([torch.stack(losses).sum(), tokens], device)
@@ -290,6 +295,10 @@ def evaluate(backend, val_set, plan, cfg, env, device, pad_id) -> dict:
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f}GiB"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
 
 
 class _progress:
@@ -315,12 +324,12 @@ class _progress:
                 self.note(f"step {r['step']}: first loss {r['loss']:.4f}")
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{r['loss']:.3f}", tok_s=f"{r['tokens_per_s']:.0f}",
-                                 mfu=f"{r['mfu']:.1%}", mem=_gib(r["peak_mem_bytes"]),
+                                 mfu=_pct(r["mfu"]), mem=_gib(r["peak_mem_bytes"]),
                                  refresh=False)  # fmt: skip
             self.bar.update(1)
         if self.main and (r["step"] % self.every == 0):
             self.note(f"step {r['step']}: loss {r['loss']:.4f} grad_norm {r['grad_norm']:.3f} "
-                      f"lr {r['lr']:.2e} tokens/s {r['tokens_per_s']:.0f} mfu {r['mfu']:.1%} "
+                      f"lr {r['lr']:.2e} tokens/s {r['tokens_per_s']:.0f} mfu {_pct(r['mfu'])} "
                       f"peak mem {_gib(r['peak_mem_bytes'])}")  # fmt: skip
         if "profile" in r:
             p = r["profile"]

@@ -83,8 +83,8 @@ class Backend:
         """The plain model's full CPU state dict (HF keys) on rank 0; None on other ranks."""
         raise NotImplementedError
 
-    def close(self) -> None:
-        pass
+    def close(self, failing: bool = False) -> None:
+        """Release the backend; `failing`: an exception is on its way out (no collectives)."""
 
 
 def amp_dtype(precision: str) -> torch.dtype | None:
@@ -95,8 +95,11 @@ def build_optimizer(params, optim_cfg, lr: float) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for p in params:
         if p.requires_grad:
-            # Norm weights and biases (1-D) are not decayed: standard for transformer LMs.
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            # Norm weights and biases (1-D) are not decayed: standard for transformer LMs. The
+            # full shape decides: under ZeRO-3's zero.Init a parameter is already partitioned
+            # (local shape (0,)) and only `ds_shape` says it is a matrix.
+            ndim = len(getattr(p, "ds_shape", None) or p.shape)
+            (decay if ndim >= 2 else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": optim_cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

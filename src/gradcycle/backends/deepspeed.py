@@ -27,7 +27,13 @@ import torch
 import torch.distributed as dist
 
 from gradcycle.backends.base import Backend, StepResult, SyncPlan, build_optimizer
-from gradcycle.backends.ds_config import build_ds_config, resolve_sync, zero_stage
+from gradcycle.backends.ds_config import (
+    build_ds_config,
+    grad_accum_dtype,
+    pin_accelerator,
+    resolve_sync,
+    zero_stage,
+)
 from gradcycle.batching import plan_from_config
 from gradcycle.model import count_params
 from gradcycle.telemetry import CommCounter
@@ -36,12 +42,8 @@ CKPT_TAG = "zero"  # save_state(path) writes path/zero/* (+ DeepSpeed's zero_to_
 
 
 def import_deepspeed(device: torch.device):
-    """Import DeepSpeed with the accelerator pinned to our device, without JIT-building ops."""
-    if device.type == "cpu":
-        # Otherwise a GPU host would pick CUDA even for device=cpu.
-        os.environ["DS_ACCELERATOR"] = "cpu"
-    else:
-        os.environ.setdefault("DS_ACCELERATOR", device.type)
+    """Import DeepSpeed with its accelerator pinned to our device, without JIT-building ops."""
+    pin_accelerator(device.type)  # before DeepSpeed's modules read the accelerator
     import deepspeed
     import deepspeed.ops
 
@@ -100,18 +102,18 @@ class DeepSpeedBackend(Backend):
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
-            try:
-                module = make_model("cpu", dtype=dtype)
-            except BaseException:
-                self._forget_hf_ds_config()
-                raise
-        else:
-            module = make_model("cpu", dtype=dtype).to(device)
-        self.module = module
-        self.optimizer = build_optimizer(module.parameters(), cfg.optim, cfg.optim.lr)
-        self.engine, *_ = deepspeed.initialize(
-            model=module, optimizer=self.optimizer, config=self.ds_config
-        )
+        try:
+            module = make_model("cpu", dtype=dtype)
+            module = module if self.stage == 3 else module.to(device)
+            self.module = module
+            self.optimizer = build_optimizer(module.parameters(), cfg.optim, cfg.optim.lr)
+            self.engine, *_ = deepspeed.initialize(
+                model=module, optimizer=self.optimizer, config=self.ds_config
+            )
+        except BaseException:
+            # Later models in this process (tests, the OOM retry) must not build under zero.Init.
+            self._forget_hf_ds_config()
+            raise
         self.model = self.engine
         if self.stage > 1 and self.sync == "per_cycle":
             self._check_coalescing()
@@ -180,6 +182,17 @@ class DeepSpeedBackend(Backend):
             rows.append(("parameter all-gather (per module)", f"every micro-batch: in forward and "
                          f"again in backward, {k}x-{2 * k}x per cycle"))  # fmt: skip
         rows.append(("grad-norm scalar all-reduce", "1x per cycle"))
+        rows.append(
+            (
+                "reduction overlaps backward",
+                "yes (overlap_comm)"
+                if self.ds_config["zero_optimization"].get("overlap_comm")
+                else "no",
+            )
+        )
+        accum = grad_accum_dtype(self.stage, self.cfg.precision, self.ds_config)
+        rows.append(("gradients accumulate in", accum + (" (DeepSpeed keeps ZeRO-2/3 gradients in "
+                     "the parameter dtype)" if accum == "bf16" and self.stage > 1 else "")))  # fmt: skip
         extra = "none"
         if self.stage == 1:
             extra = "none (ZeRO-1 keeps a full local gradient anyway)"
@@ -232,12 +245,13 @@ class DeepSpeedBackend(Backend):
                 out[key] = value.float() if value.is_floating_point() else value
         return out
 
-    def close(self) -> None:
+    def close(self, failing: bool = False) -> None:
         if getattr(self, "engine", None) is None:
             return
         self.engine.destroy()
-        # ZeRO-3 ranks occasionally abort at exit when one leaves while another still tears down.
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        # ZeRO-3 ranks occasionally abort at exit when one leaves while another still tears down;
+        # a failing rank skips the barrier: the others may be inside another collective.
+        if not failing and dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
         self.engine = self.model = None
         self._forget_hf_ds_config()

@@ -24,6 +24,46 @@ OWNED_SECTIONS = {
 }
 
 
+def pin_accelerator(device_type: str):
+    """Make DeepSpeed's accelerator the run's device, every time: DS_ACCELERATOR from the device
+    (never a stale value inherited from the environment), and the accelerator DeepSpeed may
+    already have picked when it was imported earlier in this process replaced if it differs.
+    Returns the accelerator."""
+    import os
+
+    os.environ["DS_ACCELERATOR"] = device_type
+    from deepspeed.accelerator import real_accelerator
+
+    current = real_accelerator.ds_accelerator
+    if current is None or current._name != device_type:
+        if device_type == "cuda":
+            from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator as Accelerator
+        else:
+            from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator as Accelerator
+        real_accelerator.set_accelerator(Accelerator())
+    return real_accelerator.get_accelerator()
+
+
+def deepspeed_supports_fp16(device_type: str) -> bool:
+    """DeepSpeed's own answer (its accelerator's `is_fp16_supported`) for the device the run will
+    use: its engine refuses fp16 at start-up otherwise ("Type fp16 is not supported on your
+    device."). CPUs differ: oneDNN has fp16 kernels on some x86 CPUs (AVX512-FP16/AMX) only."""
+    return bool(pin_accelerator(device_type).is_fp16_supported())
+
+
+GRAD_ACCUM_ZERO1_BF16 = "fp32"
+
+
+def grad_accum_dtype(stage: int, precision: str, user: dict | None = None) -> str:
+    """The dtype DeepSpeed accumulates gradients in for this stage and precision."""
+    if precision == "fp32":
+        return "fp32"
+    chosen = ((user or {}).get("data_types") or {}).get("grad_accum_dtype")
+    if stage == 1 and precision == "bf16":
+        return chosen or GRAD_ACCUM_ZERO1_BF16
+    return precision
+
+
 def zero_stage(backend_cfg) -> int:
     return int(backend_cfg.name.removeprefix("zero"))
 
@@ -109,6 +149,14 @@ def check_user_config(cfg) -> None:
                 f"precision={cfg.precision}: choose it with precision=fp32|bf16|fp16 and drop "
                 f"{section}.enabled"
             )
+    accum = (extra.get("data_types") or {}).get("grad_accum_dtype")
+    if accum is not None and stage > 1 and str(accum) != cfg.precision:
+        raise ValueError(
+            f"backend.deepspeed_config.data_types.grad_accum_dtype={accum} with backend={b.name}: "
+            "DeepSpeed ZeRO-2/3 ignore it and accumulate gradients in the parameter dtype; for "
+            "fp32 accumulation under bf16 use backend=zero1 (its default here) or backend=fsdp "
+            "(fp32 gradient shards), or drop the key"
+        )
     sync = resolve_sync(b)
     if stage == 1 and sync == "per_micro":
         raise ValueError(
@@ -132,7 +180,9 @@ def build_ds_config(cfg, plan, on_gpu: bool) -> dict:
     """The full DeepSpeed config for this run (user extras merged over the generated keys)."""
     b = cfg.backend
     stage = zero_stage(b)
-    zero: dict[str, Any] = {"stage": stage}
+    # overlap_comm: reduce gradient buckets on a side stream while backward goes on. DeepSpeed
+    # turns it on by default for stage 3 only; stages 1/2 would reduce serially with backward.
+    zero: dict[str, Any] = {"stage": stage, "overlap_comm": True}
     if b.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if b.offload_param:
@@ -154,6 +204,12 @@ def build_ds_config(cfg, plan, on_gpu: bool) -> dict:
     }
     if cfg.precision == "bf16":
         ds["bf16"] = {"enabled": True}
+        if stage == 1:
+            # ZeRO-1 + bf16: accumulate the K micro-batches' gradients in fp32 (DeepSpeed's
+            # BF16_Optimizer, the Megatron-DeepSpeed recipe) instead of rounding the running sum to
+            # bf16 K times; it holds a full fp32 gradient (+4 B/param). ZeRO-2/3 have no such
+            # mode: they accumulate in the parameter dtype (the planner warns for large K).
+            ds["data_types"] = {"grad_accum_dtype": GRAD_ACCUM_ZERO1_BF16}
     elif cfg.precision == "fp16":
         # loss_scale 0 = dynamic loss scaling; an overflowing step is skipped and the scale halved.
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,

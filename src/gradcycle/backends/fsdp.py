@@ -210,7 +210,7 @@ class FSDPBackend(TorchBackend):
             note += " (replicate x shard); the replica all-reduce runs on the last micro-batch only"
         return SyncPlan(policy=self.sync, rows=rows, extra_memory=extra, note=note)
 
-    def close(self) -> None:
+    def close(self, failing: bool = False) -> None:
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
             self._owns_group = False

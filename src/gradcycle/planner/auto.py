@@ -4,12 +4,13 @@
   for this world size, before anything else reads them (the global batch is kept; accumulation
   follows). The run's config.yaml records the resolved values.
 - `startup_lines`: the predicted peak and the planner's warnings, printed by rank 0.
-- `FirstStepOOM` / `after_oom`: an out-of-memory error before the first optimizer step of a run
-  (GPU) is retried with half the micro-batch and twice the accumulation, a few times, then fails
-  with the planner's explanation. The trainer rebuilds everything for the retry (backend, data,
-  checkpoint state), so no half-updated state survives. Every rank must run out of memory at the
-  same point (same shapes on every rank make that the normal case); a rank that did not would
-  wait in a collective until backend.dist_timeout_s and fail.
+- `FirstStepOOM` / `after_oom`: an out-of-memory error before the first optimizer step of a
+  single-process run (GPU) is retried with half the micro-batch and twice the accumulation, a few
+  times, then fails with the planner's explanation. The trainer rebuilds everything for the retry
+  (backend, data, checkpoint state), so no half-updated state survives. With more than one rank
+  there is no retry: a rank that did not run out of memory may be inside a collective, so the
+  ranks that did stop with the planner's advice (exit 2), and the launcher (torchrun, srun
+  --kill-on-bad-exit) or backend.dist_timeout_s ends the others.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def with_device_memory(cfg):
         return cfg
     cfg = copy.deepcopy(cfg)
     cfg.hardware.memory_gb = round(total, 1)
-    cfg.hardware.reserved_gb = max(cfg.hardware.reserved_gb, 2.0)
+    cfg.hardware.reserved_gb = max(cfg.hardware.reserved_gb or 0.0, 2.0)
     return cfg
 
 
@@ -95,7 +96,7 @@ def startup_lines(cfg, world: int, nodes: int | None, vocab: int | None) -> list
         return []
     line = (f"plan: predicted peak {c.est.peak / GIB:.2f} GiB per GPU of "
             f"{plan.budget / GIB:.1f} GiB ({plan.cfg.hardware.name}, at {c.est.phase})")  # fmt: skip
-    if plan.cfg.hardware.name != "cpu":  # the cpu profile's FLOP/s are a placeholder
+    if plan.cfg.hardware.name != "cpu" and plan.cfg.hardware.bf16_tflops:  # cpu: a placeholder
         line += f"; {c.time.tokens_per_s:,.0f} tokens/s expected at {cfg.plan.mfu:.0%} MFU"
     lines = [line]
     return lines + [f"plan warning: {w}" for w in plan.warnings]
@@ -119,6 +120,12 @@ def after_oom(cfg, world: int, nodes: int | None, failed: FirstStepOOM, attempt:
     micro = failed.micro
     per_rank = _per_rank(cfg, world, micro)
     smaller = max((d for d in range(1, micro // 2 + 1) if per_rank % d == 0), default=None)
+    if world > 1:
+        # Ranks that did not run out of memory are inside a collective of the failed step: a
+        # retry in these processes could hang or pair mismatched collectives. Stop with advice.
+        retry = f" Relaunch with train.micro_batch_size={smaller}." if smaller else ""
+        raise MemoryPlanError(oom_explanation(cfg, world, nodes, failed) + " With "
+                              f"{world} ranks the run is not retried in place." + retry)  # fmt: skip
     if attempt >= MAX_OOM_RETRIES or smaller is None:
         raise MemoryPlanError(oom_explanation(cfg, world, nodes, failed))
     cfg = copy.deepcopy(cfg)

@@ -52,13 +52,13 @@ def collectives(setup: Setup, gpus_per_node: int) -> list[Collective]:
                            multi, when)]  # fmt: skip
     if b.startswith("zero"):
         stage = int(b[-1])
-        per_bucket = math.ceil(psi / setup.reduce_bucket)
+        per_bucket = math.ceil(psi / setup.zero.reduce_bucket)
         if stage == 1:
             syncs, when = 1, "cycle"  # ZeRO-1 reduces at the boundary only
         out = []
         if stage == 3:
             persistent = sum(r * c for r, c in s.layer_tensors() * s.layers + s.root_tensors()
-                             if r * c <= setup.persistence)  # fmt: skip
+                             if r * c <= setup.zero.persistence)  # fmt: skip
             gathered = (psi - persistent) * n.param
             out.append(Collective("all_gather", "parameters (forward + backward)",
                                   2 * k * (s.layers * 7 + 2), 2 * k * gathered, w, multi, "micro"))  # fmt: skip

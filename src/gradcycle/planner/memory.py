@@ -12,10 +12,15 @@ Pure arithmetic (no torch): the planner (`gradcycle.plan`) turns a config into a
   Korthikanti et al. (2022) 34·s·b·h bytes of a GPT layer become ~47.5·s·b·h (bf16 parameters) or
   ~57.5·s·b·h (autocast over fp32 parameters) for a SwiGLU layer. A checkpointed layer keeps only
   its input; its activations come back, one layer at a time, during backward.
-- the loss: `token_loss` upcasts the logits to fp32, so log-softmax, its gradient and the input
-  gradient (3 x 4 bytes per token and vocabulary entry) coexist at the start of backward.
-- temporaries: unsharded units (FSDP2) or gathered modules (ZeRO-3), DDP's gradient buckets,
-  DeepSpeed's reduce buckets, autocast's bf16 weight copies, the foreach AdamW step's sqrt buffer.
+- the loss (`loss.impl`, gradcycle/loss.py): `full` upcasts the logits of every token to fp32, so
+  log-softmax, its gradient and the input gradient (3 x 4 bytes per token and vocabulary entry)
+  coexist at the start of backward. `chunked` (and `liger`) hold one chunk's logits at a time (fp32,
+  plus their 16-bit matmul output) and the head's gradient, computed in the loss forward; the
+  hidden-state gradient it keeps replaces the head's saved input (planner/loss.py).
+- temporaries: unsharded units (FSDP2), DDP's gradient buckets, autocast's bf16 weight copies.
+  AdamW is torch's fused kernel (backends/base.py), which updates in place: the step adds no
+  buffer. DeepSpeed's terms (gathered ZeRO-3 modules, buckets, the fp32 step gradient) are
+  derived from its code in zero.py.
 
 The peak is the largest of five moments: end of forward, start of backward (the loss), the top
 layer's backward, end of backward and the optimizer step. Checked against measured CPU peaks in
@@ -26,6 +31,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
+from gradcycle.planner import zero
+from gradcycle.planner.loss import loss_bytes
+from gradcycle.planner.zero import ZeroSettings
 
 GIB = 2**30
 
@@ -94,18 +103,17 @@ class Numerics:
     autocast: bool  # fp32 parameters cast per op (torch.autocast)
     grad: int  # gradients as accumulated
     reduce: int  # gradients as communicated
-    master: int  # an extra fp32 master copy per parameter (DeepSpeed)
 
 
 def numerics(backend: str, precision: str, reduce_dtype: str = "fp32") -> Numerics:
     half = precision in ("bf16", "fp16")
     if backend == "ddp":  # fp32 parameters; autocast computes in 16 bits
-        return Numerics(4, 2 if half else 4, 4, half, 4, 4, 0)
+        return Numerics(4, 2 if half else 4, 4, half, 4, 4)
     if backend in ("fsdp", "hsdp"):  # fp32 shards; MixedPrecisionPolicy gathers 16-bit units
         c = 2 if half else 4
-        return Numerics(4, c, c, False, 4, 4 if reduce_dtype == "fp32" else 2, 0)
-    p = 2 if half else 4  # DeepSpeed: the module itself is cast; an fp32 master partition
-    return Numerics(p, p, p, False, p, p, 4)
+        return Numerics(4, c, c, False, 4, 4 if reduce_dtype == "fp32" else 2)
+    p = 2 if half else 4  # DeepSpeed: the module itself is cast (fp32 masters: zero.py)
+    return Numerics(p, p, p, False, p, p)
 
 
 @dataclass(frozen=True)
@@ -125,10 +133,9 @@ class Setup:
     reduce_dtype: str = "fp32"
     offload_optimizer: bool = False
     offload_param: bool = False
-    reduce_bucket: int = 500_000_000  # DeepSpeed reduce_bucket_size (elements)
-    prefetch_bucket: int = 50_000_000  # ZeRO-3 stage3_prefetch_bucket_size
-    persistence: int = 100_000  # ZeRO-3 stage3_param_persistence_threshold
-    max_live: int = 1_000_000_000  # ZeRO-3 stage3_max_live_parameters
+    zero: ZeroSettings = ZeroSettings()  # DeepSpeed's zero_optimization values
+    loss: str = "full"  # loss.impl: full | chunked | liger
+    loss_chunk: int = 2048  # loss.chunk_tokens
 
     @property
     def num(self) -> Numerics:
@@ -166,21 +173,13 @@ def model_states(setup: Setup) -> dict[str, float]:
     4Ψ + 12Ψ/N, 2Ψ + 14Ψ/N and 16Ψ/N.
     """
     s, n = setup.shape, setup.num
-    psi, w, k = s.n_params, setup.world, optimizer_bytes(setup)
+    psi, k = s.n_params, optimizer_bytes(setup)
     if setup.backend == "ddp":
         return {"parameters": psi * n.param, "gradients": psi * n.grad, "optimizer": psi * k}
     if setup.backend in ("fsdp", "hsdp"):
         local = s.model_shard(setup.shard)
         return {"parameters": local * 4, "gradients": local * 4, "optimizer": local * k}
-    stage = int(setup.backend[-1])
-    out = zero_model_states(psi, w, stage, n.master + k, n.param, n.grad)
-    if setup.offload_optimizer:
-        out["optimizer"] = 0.0
-    if stage == 3:
-        persistent = sum(r * c for r, c in _all_tensors(s) if r * c <= setup.persistence)
-        params = 0.0 if setup.offload_param else (psi - persistent) * n.param / w
-        out["parameters"] = params + persistent * n.param
-    return out
+    return zero.model_states(setup, setup.zero, k)
 
 
 def zero_model_states(psi: float, n_gpus: int, stage: int, k: float = 12, param_bytes: int = 2,
@@ -193,10 +192,6 @@ def zero_model_states(psi: float, n_gpus: int, stage: int, k: float = 12, param_
         "gradients": psi * grad_bytes / (n_gpus if stage >= 2 else 1),
         "optimizer": psi * k / (n_gpus if stage >= 1 else 1),
     }
-
-
-def _all_tensors(s: Shape) -> list[tuple[int, int]]:
-    return s.layer_tensors() * s.layers + s.root_tensors()
 
 
 # ---------------------------------------------------------------- activations (bytes / token)
@@ -237,16 +232,14 @@ def activations(setup: Setup) -> dict[str, float]:
     ckpt = n.residual * s.hidden * tok  # a checkpointed layer keeps its input only
     n_ckpt = len(setup.checkpointed)
     saved = (s.layers - n_ckpt) * full + n_ckpt * ckpt + head_activation_bytes(s, n) * tok
-    logits = s.vocab * tok
     top_ckpt = s.layers - 1 in setup.checkpointed
+    loss_fwd, loss_bwd = loss_bytes(setup)  # forward end, backward start
     return {
         "saved": saved,
         "layer": full,
         "layer_ckpt": ckpt,
-        # forward end: logits (compute dtype), their fp32 copy and the fp32 log-softmax
-        "loss_forward": logits * (n.compute + 8),
-        # backward start: log-softmax output, its gradient and the input gradient (fp32)
-        "loss_backward": logits * 12,
+        "loss_forward": loss_fwd,
+        "loss_backward": loss_bwd,
         # a checkpointed top layer is recomputed whole before its backward runs
         "recompute": (full if top_ckpt else 0.0) + layer_backward_bytes(s, n) * tok,
     }
@@ -259,9 +252,10 @@ def temporaries(setup: Setup) -> dict[str, float]:
     """Buffers that are neither model states nor activations, at each moment of a step:
     forward end, loss backward, top layer's backward, backward end, optimizer step; `static`
     lives throughout, `per_cycle` is what sync=per_cycle holds on top during the cycle."""
+    if setup.backend.startswith("zero"):
+        return zero.temporaries(setup, setup.zero)
     s, n, psi = setup.shape, setup.num, setup.shape.n_params
     out = dict.fromkeys(("static", "forward", "loss", "layer", "end", "step", "per_cycle"), 0.0)
-    adam = optimizer_bytes(setup) == 8
     if setup.backend == "ddp":
         if setup.world > 1:
             out["static"] = psi * n.grad  # reducer buckets (gradient_as_bucket_view=False)
@@ -273,46 +267,21 @@ def temporaries(setup: Setup) -> dict[str, float]:
             kept = (s.layers - len(setup.checkpointed)) * per_layer
             out["forward"] = n.compute * (s.layers * per_layer + head)
             out["loss"] = out["layer"] = n.compute * (kept + head)
-        out["step"] = 4 * psi if adam else 0.0  # foreach AdamW: the sqrt(exp_avg_sq) copy
         return out
-    if setup.backend in ("fsdp", "hsdp"):
-        unit = s.shard_numel(s.layer_tensors(), setup.shard) * setup.shard
-        root = s.shard_numel(s.root_tensors(), setup.shard) * setup.shard
-        c, g = n.compute, n.reduce
-        # The root (embedding, head) stays gathered from forward to backward; layers are
-        # resharded after forward. In a layer's backward: that layer and the prefetched next one
-        # gathered (plus the all-gather copy-out), its gradient and the reduce-scatter input.
-        out["forward"] = out["loss"] = root * c
-        out["layer"] = root * c + unit * (3 * c + g)
-        out["end"] = root * (2 * c + g)
-        out["step"] = 4 * s.model_shard(setup.shard) if adam else 0.0
-        if setup.shard > 1:
-            # every unit stays gathered, and gradients accumulate unsharded in the reduction
-            # dtype instead of in the shards (which only the last micro-batch creates)
-            local_grads = 4 * s.model_shard(setup.shard) if setup.accumulation > 1 else 0.0
-            out["per_cycle"] = psi * c - root * c + psi * g - local_grads
-        return out
-    stage = int(setup.backend[-1])
-    bucket = setup.reduce_bucket * n.grad  # DeepSpeed's reduce (ipg) bucket, full size
-    if stage == 3:
-        out["static"] = bucket  # allocated at start-up and kept
-        persistent = sum(r * c for r, c in _all_tensors(s) if r * c <= setup.persistence)
-        gathered = psi - persistent
-        # Gathered modules are released by reuse distance (stage3_max_reuse_distance): below it
-        # they stay gathered, up to stage3_max_live_parameters. Counted at that bound: measured
-        # on CPU the live set ranged from a module or two to most of the model
-        # (bench/memory_check.py).
-        live = min(setup.max_live, gathered)
-        live = 0.0 if setup.offload_param else n.param * live
-        for moment in ("forward", "loss", "layer", "end"):
-            out[moment] = live
-    else:
-        out["loss"] = out["layer"] = out["end"] = bucket  # allocated when a backward starts
-    if not setup.offload_optimizer:
-        # fp32 gradient partition for the optimizer and the foreach sqrt copy
-        out["step"] = 4 * psi / setup.world * (2 if adam else 1)
-    if stage >= 2 and setup.world > 1:
-        out["per_cycle"] = psi * n.grad * (1 - 1 / setup.world)  # a full local gradient
+    unit = s.shard_numel(s.layer_tensors(), setup.shard) * setup.shard
+    root = s.shard_numel(s.root_tensors(), setup.shard) * setup.shard
+    c, g = n.compute, n.reduce
+    # The root (embedding, head) stays gathered from forward to backward; layers are resharded
+    # after forward. In a layer's backward: that layer and the prefetched next one gathered (plus
+    # the all-gather copy-out), its gradient and the reduce-scatter input.
+    out["forward"] = out["loss"] = root * c
+    out["layer"] = root * c + unit * (3 * c + g)
+    out["end"] = root * (2 * c + g)
+    if setup.shard > 1:
+        # every unit stays gathered, and gradients accumulate unsharded in the reduction dtype
+        # instead of in the shards (which only the last micro-batch creates)
+        local_grads = 4 * s.model_shard(setup.shard) if setup.accumulation > 1 else 0.0
+        out["per_cycle"] = psi * c - root * c + psi * g - local_grads
     return out
 
 
@@ -350,7 +319,10 @@ def estimate(setup: Setup) -> Estimate:
             **held,
         },
         "backward end": {unsharded: tmp["end"], "gradients": ms["gradients"], **held},
-        "optimizer step": {"gradients": ms["gradients"], "optimizer step buffers": tmp["step"]},
+        "optimizer step": {
+            "gradients": tmp.get("step_gradients", ms["gradients"]),
+            "optimizer step buffers": tmp["step"],
+        },
     }
     moments["backward end"]["gradients"] = max(ms["gradients"], grads_held)
     totals = {k: static + sum(v.values()) for k, v in moments.items()}

@@ -4,7 +4,8 @@ Reads the same Hydra config as train.py (plus `hardware=`, `nodes=`, `gpus_per_n
 per GPU, the memory of the configured run by component, the collectives per optimizer step and the
 expected tokens/s, then recommends micro-batch, accumulation, sync policy and activation
 checkpointing for the configured global batch (or says what would fit); `plan.format=json` as one
-JSON object. Formulas: memory.py, costs.py; output: report.py; training-run use: auto.py.
+JSON object. A batch that train.py would refuse fails here the same way (exit 2, same message).
+Inputs: inputs.py; formulas: memory.py, zero.py, costs.py; output: report.py; in training: auto.py.
 Depends on the config only, never on the CLI or the trainer.
 """
 
@@ -16,15 +17,24 @@ import sys
 from dataclasses import dataclass, field
 
 from gradcycle.planner.costs import Collective, StepTime, collectives, step_time
+from gradcycle.planner.inputs import (
+    UnknownShape,
+    budget_bytes,
+    check_batch,
+    make_setup,
+    micro_options,
+    shape_from_config,
+    sync_options,
+    topology,
+    zero_settings,
+)
 from gradcycle.planner.memory import GIB, Estimate, Setup, Shape, estimate
+
+__all__ = ["UnknownShape", "make_plan", "shape_from_config", "main"]
 
 # Checkpointing options the recommendation tries, cheapest recompute first.
 AC_OPTIONS = (("none", 2), ("selective", 4), ("selective", 2), ("full", 2))
 MANY_MICRO_BATCHES = 8  # bf16 accumulation over more micro-batches loses visible precision
-
-
-class UnknownShape(ValueError):
-    """The planner cannot size this model (not Llama-shaped, or no vocabulary size)."""
 
 
 @dataclass
@@ -59,161 +69,33 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
 
 
-# ---------------------------------------------------------------- config -> setup
-
-
-def shape_from_config(cfg, vocab: int | None = None) -> Shape:
-    m = cfg.model
-    if m.pretrained:
-        return _pretrained_shape(m)
-    vocab = m.vocab_size or vocab or (None if cfg.data.tokenizer else cfg.data.vocab_size)
-    if vocab is None:
-        raise UnknownShape(
-            f"the planner needs the vocabulary size and data.tokenizer={cfg.data.tokenizer!r} is "
-            "not read here: set model.vocab_size=<the tokenizer's size>"
-        )
-    kv = m.num_kv_heads or m.num_heads
-    return Shape(int(vocab), m.hidden_size, m.num_layers, m.num_heads, kv, m.intermediate_size,
-                 bool(m.tie_embeddings))  # fmt: skip
-
-
-def _pretrained_shape(m) -> Shape:
-    try:
-        from transformers import AutoConfig
-
-        hf = AutoConfig.from_pretrained(m.pretrained, local_files_only=True,
-                                        trust_remote_code=m.trust_remote_code)  # fmt: skip
-        return Shape(hf.vocab_size, hf.hidden_size, hf.num_hidden_layers, hf.num_attention_heads,
-                     getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
-                     hf.intermediate_size, bool(getattr(hf, "tie_word_embeddings", False)))  # fmt: skip
-    except Exception as e:  # not local, or not Llama-shaped: the planner cannot size it
-        raise UnknownShape(f"model.pretrained={m.pretrained!r}: cannot read a Llama-style "
-                           f"config locally ({type(e).__name__}: {e})") from None  # fmt: skip
-
-
-def topology(cfg, world: int | None = None, nodes: int | None = None) -> tuple[int, int, int]:
-    """(data-parallel world, nodes, GPUs per node): the config's nodes x gpus_per_node, or the
-    launcher's world when training."""
-    if world is None:
-        world, nodes = cfg.nodes * cfg.gpus_per_node, cfg.nodes
-    nodes = max(1, nodes or cfg.nodes)
-    if world % nodes:
-        nodes = 1
-    return world, nodes, max(1, world // nodes)
-
-
-def shard_size(cfg, backend: str, world: int, nodes: int) -> int:
-    if backend != "hsdp":
-        return world
-    replicate = cfg.backend.replicate or nodes
-    return world // replicate if replicate and world % replicate == 0 else world
-
-
-def budget_bytes(cfg) -> float:
-    return (cfg.hardware.memory_gb - cfg.hardware.reserved_gb) * GIB
-
-
-def _ds_zero(cfg) -> dict:
-    from omegaconf import OmegaConf
-
-    extra = cfg.backend.deepspeed_config
-    extra = OmegaConf.to_container(extra, resolve=True) if OmegaConf.is_config(extra) else extra
-    return dict((extra or {}).get("zero_optimization") or {})
-
-
-def sync_options(cfg, backend: str, world: int) -> list[str]:
-    """Policies the backend accepts; `auto` chooses among them."""
-    if cfg.backend.sync != "auto":
-        return [cfg.backend.sync]
-    if world == 1 or backend in ("ddp", "zero1"):
-        return ["per_cycle"]  # free (nothing to sync, or the gradient is full anyway)
-    options = ["per_micro", "per_cycle"]
-    if backend.startswith("zero"):  # DeepSpeed rejects some combinations: ask its own check
-        from gradcycle.backends.ds_config import check_user_config
-
-        probe = copy.deepcopy(cfg)
-        probe.backend.name, probe.backend.zero_stage = backend, int(backend[-1])
-        options = [s for s in options if _accepted(check_user_config, probe, s)]
-    return options
-
-
-def _accepted(check, cfg, sync: str) -> bool:
-    cfg.backend.sync = sync
-    try:
-        check(cfg)
-    except ValueError:
-        return False
-    return True
-
-
-def global_batch(cfg, world: int) -> int:
-    """The global batch every cut keeps: train.global_batch_size, or what the configured
-    micro-batch and accumulation give."""
-    t = cfg.train
-    if t.global_batch_size:
-        return t.global_batch_size
-    if t.micro_batch_size == "auto":
-        raise ValueError(
-            "train.micro_batch_size=auto keeps the global batch fixed and needs "
-            f"train.global_batch_size (got train.accumulation_steps={t.accumulation_steps}): "
-            "set train.global_batch_size=<samples per step> train.accumulation_steps=null"
-        )
-    return int(t.micro_batch_size) * world * t.accumulation_steps
-
-
 def evaluate(cfg, shape: Shape, world: int, nodes: int, micro: int, sync: str,
-             ac: tuple[str, int], backend: str | None = None) -> Candidate:  # fmt: skip
-    from gradcycle.model import checkpointed_layers
-
-    b = backend or cfg.backend.name
-    zero = _ds_zero(cfg)
-    setup = Setup(
-        shape=shape, seq=cfg.data.seq_len, micro=micro,
-        accumulation=max(1, global_batch(cfg, world) // (micro * world)),
-        backend=b, world=world, shard=shard_size(cfg, b, world, nodes), precision=cfg.precision,
-        sync=sync, checkpointed=tuple(checkpointed_layers(shape.layers, ac[0], ac[1])),
-        optimizer=cfg.optim.name, momentum=cfg.optim.momentum,
-        reduce_dtype=cfg.backend.reduce_dtype,
-        offload_optimizer=cfg.backend.offload_optimizer and b.startswith("zero"),
-        offload_param=cfg.backend.offload_param and b == "zero3",
-        reduce_bucket=int(zero.get("reduce_bucket_size", 5e8)),
-        prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", 5e7)),
-        max_live=int(zero.get("stage3_max_live_parameters", 1e9)),
-        persistence=int(cfg.backend.param_persistence_threshold
-                        if cfg.backend.param_persistence_threshold is not None
-                        else zero.get("stage3_param_persistence_threshold", 1e5)),
-    )  # fmt: skip
+             ac: tuple[str, int], backend: str | None = None, zero=None) -> Candidate:  # fmt: skip
+    """One cut; `zero`: the backend's ZeroSettings when the caller already has them."""
+    setup = make_setup(cfg, shape, world, nodes, micro, sync, ac, backend, zero)
     colls = collectives(setup, max(1, world // nodes))
     hw = cfg.hardware
-    # hardware=cpu has no interconnect worth modelling (gloo, test runs): communication is not
-    # timed there, so auto never trades memory for it and keeps each backend's default.
-    timed = [] if hw.name == "cpu" else colls
-    t = step_time(setup, timed, hw.bf16_tflops, hw.intra_node_gbps, hw.inter_node_gbps,
-                  cfg.plan.mfu)  # fmt: skip
+    # hardware=cpu has no interconnect worth modelling (gloo, test runs), and a device without a
+    # profile has no known peak: communication is not timed there, so auto never trades memory
+    # for it and keeps each backend's default (compute is then timed at a nominal 1 TFLOP/s).
+    known = hw.name != "cpu" and bool(hw.bf16_tflops and hw.intra_node_gbps and hw.inter_node_gbps)
+    timed = colls if known else []
+    t = step_time(setup, timed, hw.bf16_tflops or 1.0, hw.intra_node_gbps or 1.0,
+                  hw.inter_node_gbps or 1.0, cfg.plan.mfu)  # fmt: skip
     return Candidate(setup, estimate(setup), colls, t, ac)
-
-
-def micro_options(cfg, world: int) -> list[int]:
-    """Every micro-batch that splits this rank's share of the global batch evenly."""
-    g = global_batch(cfg, world)
-    per_rank, rem = divmod(g, world)
-    if rem or not per_rank:
-        raise ValueError(
-            f"global batch {g} does not split over {world} data-parallel ranks: set "
-            f"train.global_batch_size to a multiple of {world}"
-        )
-    return [d for d in range(1, per_rank + 1) if per_rank % d == 0]
 
 
 def search(cfg, shape, world, nodes, acs, limit: float, backend=None) -> Candidate | None:
     """The best candidate under `limit` bytes, or None."""
-    syncs = sync_options(cfg, backend or cfg.backend.name, world)
+    b = backend or cfg.backend.name
+    syncs = sync_options(cfg, b, world)
+    zero = zero_settings(cfg, b) if b.startswith("zero") else None  # once, not per cut
     fitting = [
         c
         for micro in micro_options(cfg, world)
         for sync in syncs
         for ac in acs
-        if (c := evaluate(cfg, shape, world, nodes, micro, sync, ac, backend)).est.peak <= limit
+        if (c := evaluate(cfg, shape, world, nodes, micro, sync, ac, b, zero)).est.peak <= limit
     ]
     return min(fitting, key=Candidate.key) if fitting else None
 
@@ -229,6 +111,12 @@ def make_plan(cfg, world: int | None = None, nodes: int | None = None, vocab=Non
               searches: bool = True) -> Plan:  # fmt: skip
     """The configured run, what `auto` picks, the recommendation; `searches=False`: the first."""
     world, nodes, _ = topology(cfg, world, nodes)
+    check_batch(cfg, world)  # a batch train.py refuses is refused here, with its words
+    if cfg.hardware.name == "auto":  # a training run resolves it first; the CLI sizes a target
+        from gradcycle import hardware
+        from gradcycle.distributed import device_type
+
+        cfg = hardware.resolve(cfg, device_type(cfg.device), for_planner=True)
     shape = shape_from_config(cfg, vocab)
     budget = budget_bytes(cfg)
     limit = cfg.plan.headroom * budget
@@ -240,14 +128,10 @@ def make_plan(cfg, world: int | None = None, nodes: int | None = None, vocab=Non
                                    _configured_ac(cfg)) for s in sync), key=_fit_key(limit))  # fmt: skip
     plan = Plan(cfg, shape, world, nodes, budget, configured, auto, recommended)
     if searches or not fixed:
-        try:
-            plan.auto = search(cfg, shape, world, nodes, [_configured_ac(cfg)], limit)
-            plan.recommended = search(cfg, shape, world, nodes, AC_OPTIONS, limit)
-            if plan.recommended is None:
-                plan.alternatives = alternatives(cfg, shape, world, nodes, limit)
-        except ValueError:  # a batch that does not split: batching.plan_batch says how to fix it
-            if not fixed:
-                raise
+        plan.auto = search(cfg, shape, world, nodes, [_configured_ac(cfg)], limit)
+        plan.recommended = search(cfg, shape, world, nodes, AC_OPTIONS, limit)
+        if plan.recommended is None:
+            plan.alternatives = alternatives(cfg, shape, world, nodes, limit)
     plan.warnings = warnings_for(plan, configured or plan.auto)
     return plan
 
@@ -376,7 +260,8 @@ def _smallest(plan: Plan) -> Candidate:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gradcycle.config import EXIT_USAGE, compose, user_error, validate
+    from gradcycle.compose import EXIT_USAGE, compose, user_error
+    from gradcycle.config import validate
     from gradcycle.planner.report import render_json, render_text
 
     argv = sys.argv[1:] if argv is None else argv
@@ -385,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = compose(argv)
-        validate(cfg)
+        validate(cfg, this_machine=False)  # the target's GPUs, not this machine's
         plan = make_plan(cfg)
+        cfg = plan.cfg  # hardware=auto resolved
     except Exception as e:
         message = user_error(e)
         if message is None:
