@@ -7,8 +7,12 @@ random init and with `model.pretrained=` a save_pretrained directory of it (fp32
 written once by this script). Per rank it reports:
 - start-up peak: the peak RSS from process start until the backend is built (VmHWM);
 - run peak: the peak RSS over the whole run, the first step included (its gradients too);
-- read: bytes this rank read from disk (/proc/self/io read_bytes; the safetensors files are
-  evicted from the page cache before each run, so every byte really comes from the disk);
+- disk read: bytes this rank read from disk (/proc/self/io read_bytes; the safetensors files
+  are evicted from the page cache before each run, so every byte really comes from the disk;
+  ranks on one machine share the page cache, so a page one rank's readahead fetched counts for
+  that rank only);
+- requested: the bytes the loader asked the files for (the FSDP backend's own count);
+- build: seconds inside build_backend (build, shard, allocate, init or load);
 - start-up / first step: seconds from the launch until the backend is built / step 1 ends.
 `--before REV` runs the same configurations on the source tree of git revision REV (extracted
 with `git archive`; its own conf/), for a before/after table:
@@ -62,8 +66,10 @@ def worker(spec: dict) -> None:
     build = trainer.build_backend
 
     def measured_build(*args, **kwargs):
+        start = time.time()
         backend = build(*args, **kwargs)
-        built.update(peak=_kb("VmHWM"), at=time.time())
+        built.update(peak=_kb("VmHWM"), at=time.time(), build_s=time.time() - start,
+                     requested=getattr(backend, "bytes_read", None))  # fmt: skip
         return backend
 
     trainer.build_backend = measured_build
@@ -71,6 +77,7 @@ def worker(spec: dict) -> None:
     trainer.run(cfg)
     out = {"startup_peak": built["peak"], "run_peak": _kb("VmHWM"), "read": _read_bytes(),
            "startup_s": built["at"] - spec["t0"], "first_step_s": time.time() - spec["t0"],
+           "build_s": built["build_s"], "requested": built["requested"],
            "package": str(Path(trainer.__file__).parent)}  # fmt: skip
     Path(spec["out"]).write_text(json.dumps(out))
 
@@ -176,9 +183,12 @@ def main() -> None:
                         _evict(pre)
                     for rank, r in enumerate(launch(tree, world, overrides, work)):
                         shard = 4 * n_params / world
+                        asked = "-" if r["requested"] is None else _gib(r["requested"])
                         rows.append([version, backend, source, world, rank, _gib(shard),
                                      _gib(r["startup_peak"]), _gib(r["run_peak"]), _gib(r["read"]),
-                                     f"{r['startup_s']:.1f}", f"{r['first_step_s']:.1f}"])  # fmt: skip
+                                     asked if source == "pretrained" else "-",
+                                     f"{r['build_s']:.1f}", f"{r['startup_s']:.1f}",
+                                     f"{r['first_step_s']:.1f}"])  # fmt: skip
                     print(f"done: {version} {backend} {source} W={world}", file=sys.stderr)
                     (work / "rows.json").write_text(json.dumps(rows))  # kept if a later run fails
     print(
@@ -186,7 +196,8 @@ def main() -> None:
         f"{4 * n_params / 2**30:.2f} GiB fp32; one SGD step, micro-batch 1 x 64 tokens"
     )
     print(table(["code", "backend", "init", "W", "rank", "shard GiB", "start-up peak GiB",
-                 "run peak GiB", "read GiB", "start-up s", "first step s"], rows))  # fmt: skip
+                 "run peak GiB", "disk read GiB", "requested GiB", "build s", "start-up s",
+                 "first step s"], rows))  # fmt: skip
 
 
 if __name__ == "__main__":

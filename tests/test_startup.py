@@ -283,6 +283,19 @@ def test_initial_weights_equal_ddp_bit_for_bit(spawn, ddp_reference, name):
     assert local == planned
 
 
+def test_row_shards_without_dtensor_helpers_split_like_torch_chunk():
+    from torch.distributed.tensor import Replicate, Shard
+
+    from gradcycle.weights.pieces import row_shard
+
+    assert row_shard((5, 3), [Shard(0)], [2], [1]) == ((2, 3), (3, 0))
+    assert row_shard((7, 4), [Replicate(), Shard(0)], [2, 3], [1, 2]) == ((1, 4), (6, 0))
+    assert row_shard((2, 4), [Shard(0)], [3], [2]) == ((0, 4), (2, 0))  # an empty shard
+    for i in range(3):  # the pieces of torch.chunk, in order
+        piece = torch.arange(10).chunk(3)[i]
+        assert row_shard((10,), [Shard(0)], [3], [i]) == ((len(piece),), (int(piece[0]),))
+
+
 def test_tied_embeddings_are_one_parameter():
     from gradcycle.model import build_model
 

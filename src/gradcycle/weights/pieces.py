@@ -31,13 +31,34 @@ class Piece:
     out: torch.Tensor  # 1-D view of the storage to write: exactly this rank's elements
 
 
-def _dtensor_range(param) -> tuple[int, torch.Tensor]:
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+def row_shard(shape, placements, sizes, coords) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(local shape, global offset) of a tensor sharded on dim 0 (FSDP2's Shard(0)) and
+    replicated elsewhere, split as torch.chunk splits it; for a torch without DTensor's own."""
+    from torch.distributed.tensor import Replicate, Shard
 
+    lo, size = 0, shape[0]
+    for placement, n, i in zip(placements, sizes, coords, strict=True):
+        if isinstance(placement, Shard) and placement.dim == 0:
+            chunk = -(-size // n)
+            lo, size = lo + min(i * chunk, size), max(0, min(chunk, size - i * chunk))
+        elif not isinstance(placement, Replicate):
+            raise NotImplementedError(f"placement {placement}: gradcycle fills row shards only")
+    return (size, *shape[1:]), (lo, *[0] * (len(shape) - 1))
+
+
+def _shape_and_offset(param) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    except ImportError:
+        mesh = param.device_mesh
+        sizes = [mesh.size(d) for d in range(mesh.ndim)]
+        return row_shard(tuple(param.shape), param.placements, sizes, mesh.get_coordinate())
+    return compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+
+
+def _dtensor_range(param) -> tuple[int, torch.Tensor]:
     local = param._local_tensor
-    shape, offset = compute_local_shape_and_global_offset(
-        param.shape, param.device_mesh, param.placements
-    )
+    shape, offset = _shape_and_offset(param)
     if local.numel() == 0:
         return 0, local.reshape(-1)
     rows_only = tuple(shape[1:]) == tuple(param.shape[1:]) and not any(offset[1:])
