@@ -6,6 +6,7 @@
   backend and world size draws the same weights while each rank draws only its own part;
 - `pretrained`: reading each rank's part straight from safetensors files;
 - `safetensors_out`: sharded safetensors written tensor by tensor (the HF export);
+- `zero_source`: a DeepSpeed ZeRO checkpoint's fp32 weights, one parameter at a time (export);
 - `plan`: what each rank will allocate, printed before start-up allocates it.
 
 docs/fsdp.md ("Start-up") states the design.
