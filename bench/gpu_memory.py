@@ -66,8 +66,8 @@ def run_case(overrides: list[str], device, steps: int) -> tuple[int | None, obje
     distributed.seed_everything(cfg.seed)
     ac = cfg.activation_checkpointing
 
-    def make_model(where):
-        model = build_model(cfg.model, cfg.model.vocab_size, where)
+    def make_model(where, dtype=torch.float32):
+        model = build_model(cfg.model, cfg.model.vocab_size, where, dtype=dtype)
         apply_activation_checkpointing(model, ac.mode, ac.every)
         return model
 

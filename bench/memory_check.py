@@ -120,8 +120,8 @@ def measure(rank: int, world: int, cases: list[tuple[str, list[str]]], steps: in
         distributed.seed_everything(cfg.seed)
         ac = cfg.activation_checkpointing
 
-        def make_model(where, cfg=cfg, ac=ac):
-            model = build_model(cfg.model, cfg.model.vocab_size, where)
+        def make_model(where, dtype=torch.float32, cfg=cfg, ac=ac):
+            model = build_model(cfg.model, cfg.model.vocab_size, where, dtype=dtype)
             apply_activation_checkpointing(model, ac.mode, ac.every)
             return model
 

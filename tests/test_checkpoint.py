@@ -186,14 +186,14 @@ def _probing(build, probe: torch.Tensor, sink: dict):
         backend = build(*args, **kwargs)
         close = backend.close
 
-        def close_after_probe():
+        def close_after_probe(**kwargs):  # the trainer passes failing=...
             with torch.no_grad():
                 # numpy: a tensor would travel by shared memory, gone once this rank exits
                 sink["probe"] = backend.model(input_ids=probe).logits.float().numpy()
             full = backend.full_state_dict()
             if full is not None:
                 sink["full"] = {k: v.float().numpy() for k, v in full.items()}
-            close()
+            close(**kwargs)
 
         backend.close = close_after_probe
         return backend

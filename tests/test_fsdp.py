@@ -64,8 +64,8 @@ def _make_model_fn(cfg):
 
 
 def _sharded_init_matches_rank0(rank, world, mesh) -> dict:
-    """Build through the backend (meta + shard + broadcast), gather the full state, compare it
-    with the model a single process builds from the same seed."""
+    """Build through the backend (meta + shard + fill the shards locally), gather the full state,
+    compare it with the model a single process builds from the same seed."""
     from gradcycle.backends.fsdp import FSDPBackend
     from gradcycle.distributed import seed_everything
 

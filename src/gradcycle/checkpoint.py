@@ -54,6 +54,7 @@ from gradcycle.checkpoint_index import (
 from gradcycle.faults import Faults
 from gradcycle.safe_load import unreadable_file, weights_only_loads
 from gradcycle.telemetry import CommCounter
+from gradcycle.timeouts import long_phase
 
 # Model fields that change parameter shapes: a mismatch is named by field, not only by tensor.
 SHAPE_FIELDS = ("pretrained", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -133,6 +134,10 @@ class Checkpointer:
     def resume(self, state) -> Path | None:
         """Apply cfg.resume to `state` and the backend. Every check runs before anything is
         written: bad input raises ValueError naming the file or field, the run dir untouched."""
+        with long_phase(self.cfg.backend):  # reading a big state: backend.startup_timeout_s
+            return self._resume(state)
+
+    def _resume(self, state) -> Path | None:
         mode = self.cfg.resume
         if mode == "none":
             if (self.root / LATEST).exists() or complete_checkpoints(self.root):
@@ -252,6 +257,10 @@ class Checkpointer:
         return self.save(state) if self.due(state.step, final) else None
 
     def save(self, state) -> Path:
+        with long_phase(self.cfg.backend):  # writing a big state: backend.startup_timeout_s
+            return self._save(state)
+
+    def _save(self, state) -> Path:
         name = f"step_{state.step}"
         done, tmp = self.root / name, self.root / f"{TMP}{name}"
         main = self.rank == 0

@@ -104,6 +104,7 @@ class BackendConfig:
     reduce_dtype: str = "fp32"  # fsdp/hsdp gradient reduction dtype under bf16/fp16
     compile: bool = False
     dist_timeout_s: int = 300  # a dead rank makes the others fail after this, never hang
+    startup_timeout_s: int = 1800  # the same bound for build/init/load, resume, checkpoint writes
 
 
 @dataclass
@@ -262,6 +263,7 @@ def validate(cfg: Any, this_machine: bool = True) -> None:
     _positive("nodes", cfg.nodes)
     _positive("gpus_per_node", cfg.gpus_per_node)
     _positive("backend.dist_timeout_s", cfg.backend.dist_timeout_s)
+    _positive("backend.startup_timeout_s", cfg.backend.startup_timeout_s)
     _positive("backend.replicate", cfg.backend.replicate)
     _positive("activation_checkpointing.every", cfg.activation_checkpointing.every)
     if cfg.profile and not any(1 <= s <= cfg.train.max_steps for s in cfg.profile_steps):

@@ -1,14 +1,19 @@
-"""Export a checkpoint as a Hugging Face model directory, in one process, on CPU.
+"""Export a checkpoint as a Hugging Face model directory, in one process, on CPU, tensor by tensor.
 
     python -m gradcycle.export <checkpoint> <out_dir> [--dtype fp32|bf16|fp16]
+                               [--max-shard-size 5GB]
 
 <checkpoint> is a step_<N> directory, a run's checkpoints/ directory or the run dir itself (then
-the checkpoint `latest` names). The shards are consolidated whatever world size wrote them: DCP
-checkpoints (ddp/fsdp/hsdp) are read without a process group, DeepSpeed ZeRO-1/2/3 partitions
-through DeepSpeed's zero_to_fp32. The result is what `save_pretrained` writes (safetensors +
-config.json) plus the run's tokenizer, loadable with AutoModelForCausalLM.from_pretrained.
-Weights are the fp32 master copy unless --dtype says otherwise. Nothing is written at <out_dir>
-unless the export succeeds (it is assembled next to it and renamed).
+the checkpoint `latest` names). The shards are consolidated whatever world size wrote them, one
+tensor at a time, so the process holds one tensor (never the state dict): DCP checkpoints
+(ddp/fsdp/hsdp) are read without a process group, one tensor's chunks per read; DeepSpeed ZeRO-1/2/3
+partitions are memory-mapped and each parameter is assembled from its pieces in every rank's
+partition. The output is what `save_pretrained` writes: `model.safetensors`, or
+`model-0000i-of-0000n.safetensors` + `model.safetensors.index.json` when the weights exceed
+`--max-shard-size` (default 5GB, save_pretrained's units: 1GB = 10^9 bytes), config.json, the
+run's tokenizer; AutoModelForCausalLM.from_pretrained loads it. Weights are the fp32 master copy
+unless --dtype says otherwise. Nothing is written at <out_dir> unless the export succeeds (it is
+assembled next to it and renamed).
 """
 
 from __future__ import annotations
@@ -21,49 +26,65 @@ from pathlib import Path
 import torch
 
 from gradcycle.checkpoint_index import check_files, read_meta, resolve
-from gradcycle.safe_load import dcp_load, dcp_reader, weights_only_loads
+from gradcycle.safe_load import SafeFileSystemReader, weights_only_loads
+from gradcycle.weights import zero_source
+from gradcycle.weights.safetensors_out import Entry, parse_size, write_sharded
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
 def dcp_model_state(state_dir: Path) -> dict[str, torch.Tensor]:
-    """The model's full tensors from a DCP checkpoint (any number of shards), no process group."""
+    """The model's full tensors from a DCP checkpoint, all at once (for tests and small models)."""
+    return {name: fetch() for name, (_, _, fetch) in dcp_source(state_dir).items()}
+
+
+class _MetadataOnce(SafeFileSystemReader):
+    """One tensor per dcp.load: read (and check) the metadata file once, not once per tensor."""
+
+    _metadata = None
+
+    def read_metadata(self, *args, **kwargs):
+        if self._metadata is None:
+            self._metadata = super().read_metadata(*args, **kwargs)
+        return self._metadata
+
+
+def dcp_source(state_dir: Path) -> dict[str, tuple]:
+    """name -> (shape, dtype, fetch()) for the model tensors of a DCP checkpoint (any shards)."""
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    metadata = dcp_reader(state_dir).read_metadata()
-    model = {
-        key[len("model.") :]: torch.empty(item.size, dtype=item.properties.dtype)
-        for key, item in metadata.state_dict_metadata.items()
-        if key.startswith("model.") and isinstance(item, TensorStorageMetadata)
-    }
-    if not model:
+    from gradcycle.safe_load import SafeLoadPlanner, quiet_single_process
+
+    reader = _MetadataOnce(str(state_dir))
+    metadata = reader.read_metadata()
+
+    def fetch(name: str, size, dtype) -> torch.Tensor:
+        box = {"model": {name: torch.empty(size, dtype=dtype)}}
+        with quiet_single_process():
+            dcp.load(box, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
+        return box["model"][name]
+
+    out = {}
+    for key, item in metadata.state_dict_metadata.items():
+        if key.startswith("model.") and isinstance(item, TensorStorageMetadata):
+            name, size, dtype = key[len("model.") :], item.size, item.properties.dtype
+            out[name] = (tuple(size), dtype, lambda n=name, s=size, d=dtype: fetch(n, s, d))
+    if not out:
         raise ValueError(f"{state_dir / '.metadata'}: no model tensors in this checkpoint")
-    dcp_load({"model": model}, state_dir, no_dist=True)
-    return model
-
-
-def zero_model_state(state_dir: Path) -> dict[str, torch.Tensor]:
-    """fp32 weights consolidated from DeepSpeed ZeRO partitions (any stage, any world size)."""
-    from gradcycle.backends.deepspeed import import_deepspeed
-
-    import_deepspeed(torch.device("cpu"))
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    tags = [p.name for p in state_dir.iterdir() if p.is_dir()]
-    if len(tags) != 1:
-        raise ValueError(f"{state_dir}: expected one DeepSpeed checkpoint tag dir, found {tags}")
-    with weights_only_loads():
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(state_dir), tag=tags[0])
-    return dict(sd)
+    return out
 
 
 def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32",
-           trust_remote_code: bool = False) -> Path:  # fmt: skip
+           trust_remote_code: bool = False,
+           max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:  # fmt: skip
     """Write the HF model directory; raises ValueError naming the file on bad input."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    max_bytes = parse_size(max_shard_size)
     step_dir = resolve(checkpoint)
     meta = read_meta(step_dir)
     check_files(step_dir, meta)
@@ -80,49 +101,63 @@ def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32",
         )
 
     state_dir = step_dir / "state"
-    sd = dcp_model_state(state_dir) if meta["format"] == "dcp" else zero_model_state(state_dir)
-    config = AutoConfig.from_pretrained(str(hf_dir), trust_remote_code=trust_remote_code)
-    config.use_cache = True  # training turns the KV cache off; generation wants it back
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    expected = model.state_dict()
-    tied = {k for k in expected if k not in sd and _is_tied(model, k)}
-    missing = sorted(set(expected) - set(sd) - tied)
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"{state_dir}: the weights do not match {hf_dir / 'config.json'}: missing "
-            f"{missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    for key, value in sd.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise ValueError(
-                f"{state_dir}: {key} has shape {list(value.shape)}, the config expects "
-                f"{list(expected[key].shape)}"
-            )
-    model.load_state_dict({k: v.to(DTYPES[dtype]) for k, v in sd.items()}, strict=False,
-                          assign=True)  # fmt: skip
-    model.tie_weights()
-    config.dtype = DTYPES[dtype]
+    with weights_only_loads():
+        source = dcp_source(state_dir) if meta["format"] == "dcp" else zero_source.load(state_dir)
+        config = AutoConfig.from_pretrained(str(hf_dir), trust_remote_code=trust_remote_code)
+        config.use_cache = True  # training turns the KV cache off; generation wants it back
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        entries = _entries(model, source, state_dir, hf_dir, DTYPES[dtype])
+        config.dtype = DTYPES[dtype]
 
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
+        tmp = out.with_name(f".tmp-{out.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write_sharded(tmp, entries, max_bytes)
+    config.save_pretrained(str(tmp))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(str(tmp))
     for f in hf_dir.iterdir():  # the tokenizer files (config.json was rewritten above)
         if f.is_file() and f.name not in ("config.json", "generation_config.json"):
             shutil.copy2(f, tmp / f.name)
     if out.exists():
         out.rmdir()  # empty, checked above
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(out)
     return out
 
 
-def _is_tied(model, key: str) -> bool:
-    """lm_head.weight of a tied-embedding model is the embedding matrix: saved once or not at all."""
-    out_emb = model.get_output_embeddings()
-    return (bool(getattr(model.config, "tie_word_embeddings", False)) and out_emb is not None
-            and key.startswith("lm_head."))  # fmt: skip
+def _entries(model, source: dict, state_dir: Path, hf_dir: Path, dtype) -> list[Entry]:
+    """What the HF directory holds, in the model's order: every state-dict tensor once (a tied
+    weight under its first name, fetched from whichever name the checkpoint has), shapes checked
+    against config.json before any data is read."""
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    groups = list(aliases.values())
+    params = {n for group in groups for n in group}
+    groups += [[name] for name in model.state_dict() if name not in params]  # persistent buffers
+    entries, missing = [], []
+    for names in groups:
+        found = next((n for n in names if n in source), None)
+        if found is None:
+            missing.append(names[0])
+            continue
+        shape, src_dtype, fetch = source[found]
+        want = tuple(model.get_parameter(names[0]).shape if names[0] in params
+                     else model.get_buffer(names[0]).shape)  # fmt: skip
+        if tuple(shape) != want:
+            raise ValueError(
+                f"{state_dir}: {found} has shape {list(shape)}, the config expects {list(want)}"
+            )
+        written = dtype if src_dtype.is_floating_point else src_dtype
+        entries.append(Entry(names[0], want, written, fetch))
+    unexpected = sorted(set(source) - {n for names in groups for n in names})
+    if missing or unexpected:
+        raise ValueError(
+            f"{state_dir}: the weights do not match {hf_dir / 'config.json'}: missing "
+            f"{missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return entries
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,9 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
+                        help="largest safetensors file (default %(default)s; 1GB = 10^9 bytes)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
-        out = export(args.checkpoint, args.out_dir, args.dtype, args.trust_remote_code)
+        out = export(args.checkpoint, args.out_dir, args.dtype, args.trust_remote_code,
+                     args.max_shard_size)  # fmt: skip
     except ValueError as e:
         print(f"gradcycle.export: error: {e}", file=sys.stderr)
         return 2

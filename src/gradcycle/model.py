@@ -6,6 +6,7 @@ FSDP2 and DeepSpeed all reuse it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 
@@ -32,39 +33,81 @@ def llama_config(model_cfg, vocab_size: int):
     )
 
 
-def build_model(model_cfg, vocab_size: int, device: str | torch.device = "cpu") -> nn.Module:
-    """A Llama-style causal LM on `device` ("meta" builds the shapes without allocating)."""
-    from transformers import AutoModelForCausalLM
+def hf_config(model_cfg, vocab_size: int):
+    """The HF config: the pretrained model's own, or a Llama from model.* (training settings)."""
+    if not model_cfg.pretrained:
+        return llama_config(model_cfg, vocab_size)
+    from transformers import AutoConfig
 
-    if model_cfg.pretrained:
-        if str(device) == "meta":
-            from transformers import AutoConfig
+    from gradcycle.weights.pretrained import local_dir
 
-            hf_cfg = AutoConfig.from_pretrained(
-                model_cfg.pretrained, trust_remote_code=model_cfg.trust_remote_code
-            )
-            with torch.device("meta"):
-                return AutoModelForCausalLM.from_config(
-                    hf_cfg, trust_remote_code=model_cfg.trust_remote_code
-                )
+    config = AutoConfig.from_pretrained(
+        str(local_dir(model_cfg)), trust_remote_code=model_cfg.trust_remote_code
+    )
+    config.use_cache = False
+    return config
+
+
+def build_model(model_cfg, vocab_size: int, device: str | torch.device = "cpu",
+                seed: int | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:  # fmt: skip
+    """A Llama-style causal LM on `device`, its parameters stored in `dtype`.
+
+    "meta" builds the shapes without allocating (fp32: FSDP2's shards are fp32 masters), for a
+    backend that allocates and fills its shards itself (gradcycle.weights). Otherwise the model
+    is real: random weights from `seed` (default: torch.initial_seed(), what seed_everything set)
+    through gradcycle.weights.init, which every backend uses, so one seed gives the same weights
+    everywhere; or the pretrained weights. Under ZeRO-3 (transformers' HfDeepSpeedConfig
+    active) the parameters are partitioned as they are created and each rank fills only its
+    partitions, from the same generator or straight from the safetensors files.
+    """
+    from transformers import AutoModelForCausalLM, initialization
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from gradcycle.weights import init, pretrained
+
+    remote = model_cfg.trust_remote_code
+    if model_cfg.pretrained and str(device) != "meta" and not is_deepspeed_zero3_enabled():
+        # ddp, zero1/2 keep full parameters: transformers' loader, once, in the storage dtype.
         model = AutoModelForCausalLM.from_pretrained(
-            model_cfg.pretrained,
-            trust_remote_code=model_cfg.trust_remote_code,
-            dtype=torch.float32,
+            str(pretrained.local_dir(model_cfg)), trust_remote_code=remote, dtype=dtype,
             attn_implementation="sdpa",
-        )
+        )  # fmt: skip
         model.config.use_cache = False
         return model.to(device)
-    from transformers import initialization
-
-    # Construct without torch's default init, then run HF's init once: exactly what transformers
-    # does under ZeRO-3's zero.Init, so one seed gives the same initial weights on every backend
-    # (a plain from_config draws the default init first and ends on different values).
-    with torch.device(device), initialization.no_init_weights():
-        model = AutoModelForCausalLM.from_config(llama_config(model_cfg, vocab_size))
-    model.initialize_weights()
-    model.tie_weights()  # model.tie_embeddings=true: initialize_weights() alone leaves them untied
+    config = hf_config(model_cfg, vocab_size)
+    if str(device) == "meta":
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(
+                config, trust_remote_code=remote, dtype=torch.float32, attn_implementation="sdpa"
+            )
+    # No init at construction (transformers' own ZeRO-3 init would gather every module).
+    with torch.device(device), initialization.no_init_weights(), _no_zero3_hf_init():
+        model = AutoModelForCausalLM.from_config(
+            config, trust_remote_code=remote, dtype=dtype, attn_implementation="sdpa"
+        )
+    model.tie_weights()  # skipped with the init above; tied embeddings are one parameter
+    if model_cfg.pretrained:
+        pretrained.load_into(model, pretrained.local_dir(model_cfg))
+    else:
+        init.init_parameters(model, torch.initial_seed() if seed is None else seed)
     return model
+
+
+@contextlib.contextmanager
+def _no_zero3_hf_init():
+    """transformers' from_config under ZeRO-3 re-initialises every module on gathered full
+    parameters (initialize_weights_zero3); gradcycle fills the partitions itself."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    original = getattr(hf_ds, "initialize_weights_zero3", None)
+    if original is None:  # another transformers: its init runs and is overwritten, just slower
+        yield
+        return
+    hf_ds.initialize_weights_zero3 = lambda model: None
+    try:
+        yield
+    finally:
+        hf_ds.initialize_weights_zero3 = original
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

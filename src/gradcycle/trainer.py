@@ -43,6 +43,7 @@ from gradcycle.model import (
 from gradcycle.planner import auto as plan_auto
 from gradcycle.profiling import StepProfiler
 from gradcycle.telemetry import CommCounter, MetricsSink, flops_per_token, peak_memory_bytes
+from gradcycle.weights import plan as startup_plan
 
 
 class NonFiniteHalt(RuntimeError):
@@ -123,13 +124,16 @@ def _run(cfg, env, nodes: int) -> dict:
     ac = cfg.activation_checkpointing
     is_dist = env.world_size > 1
 
-    def make_model(where: str):
-        model = build_model(cfg.model, vocab, where)
+    def make_model(where: str, dtype: torch.dtype = torch.float32):
+        model = build_model(cfg.model, vocab, where, seed=cfg.seed, dtype=dtype)
         apply_activation_checkpointing(model, ac.mode, ac.every)
         if cfg.loss.impl != "full":
             attach_loss(model)  # the chunked loss runs inside the model's own forward
         return batchnorm_guard(model, plan.micro_batch_size, cfg.model.sync_batchnorm, is_dist)
 
+    if env.is_main:  # before anything is allocated: what each rank is about to hold
+        for line in startup_plan.lines(cfg, make_model("meta"), env.world_size):
+            print(line, flush=True)
     backend = build_backend(cfg, make_model, device, env.world_size, run_dir)
     n_params = count_params(backend.module)
     state = State()

@@ -18,9 +18,17 @@ __all__ = ["Backend", "StepResult", "SyncPlan", "build_backend"]
 
 def build_backend(cfg, make_model: Callable[[str], torch.nn.Module], device: torch.device,
                   world: int, run_dir: Path) -> Backend:  # fmt: skip
-    """`make_model(device)` builds the plain model (activation checkpointing applied) on "cpu" or
-    "meta"; the backend decides where and how (meta + shard, zero.Init, or a full copy).
+    """`make_model(device, dtype=torch.float32)` builds the plain model (activation checkpointing
+    applied) on "cpu" or "meta", parameters stored in `dtype`; the backend decides where and how
+    (meta + shard + fill the shards, zero.Init + fill the partitions, or a full copy).
     `run_dir` is where a backend may write its own generated files (e.g. ds_config.json)."""
+    from gradcycle.timeouts import long_phase
+
+    with long_phase(cfg.backend):  # building, filling or loading a big model: startup_timeout_s
+        return _build(cfg, make_model, device, world, run_dir)
+
+
+def _build(cfg, make_model, device: torch.device, world: int, run_dir: Path) -> Backend:
     name = cfg.backend.name
     if name == "ddp":
         from gradcycle.backends.ddp import DDPBackend

@@ -92,15 +92,18 @@ class DeepSpeedBackend(Backend):
             (run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
 
         self._hf_ds_config = None
+        # Parameters are built in the dtype the engine keeps them in (bf16/fp16 under those
+        # precisions; the fp32 masters live in the optimizer's partitions): no fp32 full copy.
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
         if self.stage == 3:
             # transformers builds the model under deepspeed.zero.Init (parameters partitioned as
-            # they are created) and then runs its own weight init on gathered parameters. The
+            # they are created); build_model then fills each rank's partitions in place. The
             # object is held only by a weak reference inside transformers: keep it alive.
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
         try:
-            module = make_model("cpu")
+            module = make_model("cpu", dtype=dtype)
             module = module if self.stage == 3 else module.to(device)
             self.module = module
             self.optimizer = build_optimizer(module.parameters(), cfg.optim, cfg.optim.lr)

@@ -19,11 +19,12 @@ Accumulation boundary, per `backend.sync`:
   lives in the sharded gradient buffer the step needs anyway, so it costs no memory.
 - auto = per_micro (per_cycle costs memory), with hsdp's replica all-reduce still once per cycle.
 
-Initialisation: rank 0 builds the real model on CPU (the same random draw a single-process run
-makes, or the pretrained weights); every rank builds the model on the meta device, shards it,
-allocates only its shards and receives them from rank 0 (`broadcast_from_rank0`). Initialising
-sharded parameters locally would draw the same random shard on every rank. Buffers outside the
-state dict (rotary tables) are broadcast from rank 0's model too.
+Initialisation (docs/fsdp.md, "Start-up"): every rank builds the model on the meta device, shards
+it and allocates only its own shards; then fills them in place, with no collective and no full
+copy anywhere: random weights from gradcycle.weights.init (drawn per block of the full tensor
+from (seed, name, block), so they equal what any other backend or world size draws), or its rows
+of the pretrained safetensors files (gradcycle.weights.pretrained). Buffers outside the state dict
+(rotary tables) are recomputed locally.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -41,6 +41,7 @@ from gradcycle.backends.base import SyncPlan, TorchBackend
 from gradcycle.distributed import nodes_from_env
 from gradcycle.model import decoder_layers
 from gradcycle.telemetry import CommCounter
+from gradcycle.weights import init, pretrained
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -119,24 +120,17 @@ def _init_single_process_group(device: torch.device) -> bool:
 
 
 @torch.no_grad()
-def materialise(module: nn.Module, full: nn.Module | None, device: torch.device) -> None:
-    """Allocate the shards of a meta-device sharded `module` and fill them from rank 0's `full`.
-
-    Every rank calls it; `full` is the real model on rank 0 and None elsewhere.
-    """
+def materialise(module: nn.Module, model_cfg, seed: int, device: torch.device) -> int:
+    """Allocate the shards of a meta-device sharded `module` and fill them on this rank alone.
+    Returns the bytes read from pretrained files (0 for a random init)."""
     module.to_empty(device=device)
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_model_state_dict(module, full.state_dict() if full is not None else {}, options=options)
-    # Non-persistent buffers (rotary inverse frequencies) are not in the state dict: to_empty()
-    # left them uninitialised. They are not sharded: broadcast rank 0's values.
-    persistent = set(module.state_dict().keys())
-    source = dict(full.named_buffers()) if full is not None else {}
-    for name, buf in module.named_buffers():
-        if name in persistent:
-            continue
-        if full is not None:
-            buf.copy_(source[name])
-        dist.broadcast(buf, src=0)
+    read = 0
+    if model_cfg.pretrained:
+        read = pretrained.load_into(module, pretrained.local_dir(model_cfg))
+    else:
+        init.init_parameters(module, seed)
+    init.recompute_buffers(module)
+    return read
 
 
 class FSDPBackend(TorchBackend):
@@ -147,9 +141,6 @@ class FSDPBackend(TorchBackend):
         # Before anything collective: a world the mesh cannot split fails the same way on all ranks.
         nodes = hsdp_nodes() if self.name == "hsdp" and bc.replicate is None else None
         self.shape = mesh_shape(self.name, world, bc.replicate, nodes)
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        # First draw from the RNG after seeding: the same weights a single-process run starts from.
-        full = make_model("cpu") if rank == 0 else None
         self._owns_group = _init_single_process_group(device)
         names = ("shard",) if self.name == "fsdp" else ("replicate", "shard")
         self.mesh = init_device_mesh(device.type, self.shape, mesh_dim_names=names)
@@ -157,8 +148,7 @@ class FSDPBackend(TorchBackend):
         module = make_model("meta")
         self.units = shard_model(module, self.mesh, self.mp, self.sync == "per_cycle")
         with CommCounter.instance().suspended():  # start-up traffic is not a training step's
-            materialise(module, full, device)
-        del full
+            self.bytes_read = materialise(module, cfg.model, cfg.seed, device)
         if bc.compile:
             # After fully_shard, so FSDP's hooks stay outside the compiled regions.
             for layer in self.units[:-1]:
