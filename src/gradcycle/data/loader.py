@@ -198,12 +198,15 @@ def eval_batches(samples, micro: int, n_batches: int, rank: int, world: int, pad
     """n_batches micro-batches per rank from the validation split, the same count on every rank.
 
     Equal counts matter: sharded backends run collectives inside forward, so a rank with one
-    batch fewer would leave the others waiting. Small splits wrap around.
+    batch fewer would leave the others waiting. The eval samples are spread evenly over the split
+    (not its first ones, which may all come from one document); small splits wrap around.
     """
-    n = len(samples)
+    n, total = len(samples), n_batches * world * micro
+    pick = (lambda p: p * n // total) if total <= n else (lambda p: p % n)  # noqa: E731
     for b in range(n_batches):
         start = (b * world + rank) * micro
-        yield collate([samples[(start + j) % n] for j in range(micro)], pad_id, document_mask)
+        rows = [samples[pick(start + j)] for j in range(micro)]
+        yield collate(rows, pad_id, document_mask)
 
 
 def train_loader(cfg, data, plan, env, device: torch.device, start: int, model) -> CycleLoader:
