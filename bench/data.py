@@ -4,11 +4,16 @@
 
 Per corpus (jsonl of stdlib-derived documents, generated locally: every stdlib source file, its
 lines shuffled once per pass, until the size is reached):
-  prepare MB/s per process  `python -m gradcycle.prepare` at prepare.num_proc=1 and 2: MB of text
+  prepare MB per CPU s       `python -m gradcycle.prepare` at prepare.num_proc=1 and 2: MB of text
                             through its pipeline (read, tokenise, write; its own summary line,
-                            without interpreter start-up) / s / processes, beside a bare
-                            `encode_batch_fast` loop of the same tokenizer over the same
-                            documents (encode time only)
+                            without interpreter start-up) per CPU second of the main process and
+                            its tokenising processes, beside a bare `encode_batch_fast` loop of
+                            the same tokenizer over the same documents (its CPU seconds). CPU
+                            time, not wall time: other jobs on a shared machine do not move it
+  encoder share np=1        of prepare's CPU seconds, the share spent inside the encoder call:
+                            the pipeline's rate relative to the bare encoder measured in the same
+                            process at the same time (a contention-free "np=1 / bare")
+  prepare wall MB/s np=2    the same pipeline's wall-clock rate with 2 tokenising processes
   prepare peak USS          of the prepare process tree (main + tokenising processes)
   USS per rank at step N    `train.py data=tokens` on the prepared shards (1 rank, 2 DataLoader
                             workers): the largest USS of the process tree (rank + workers) while
@@ -99,14 +104,18 @@ def watched(cmd: list[str], env: dict, until=None, log: Path | None = None):
     return time.perf_counter() - t0, peak, stamps
 
 
-def _pipeline_mb_s(log: Path) -> float:
-    """prepare's own summary: MB/s of text through read -> tokenise -> write (no start-up)."""
-    found = re.search(r"\(([0-9.]+) MB/s", log.read_text())
-    return float(found.group(1)) if found else float("nan")
+def _pipeline_rates(log: Path) -> tuple[float, float, float]:
+    """prepare's own summary line: MB per CPU s, wall MB/s and the encoder's % of the CPU time, of
+    text through read -> tokenise -> write, without start-up."""
+    text = log.read_text() if log.is_file() else ""
+    patterns = (r"([0-9.]+) MB per CPU s", r"\(([0-9.]+) MB/s", r"([0-9]+)% of it in the encoder")
+    found = [re.search(pattern, text) for pattern in patterns]
+    return tuple(float(f.group(1)) if f else float("nan") for f in found)
 
 
 def bare_encode_mb_s(corpus: Path, tokenizer_dir: Path) -> float:
-    """MB of text per second of `encode_batch_fast` alone, in batches like prepare's."""
+    """MB of text per CPU second of `encode_batch_fast` alone, in batches like prepare's (one
+    thread: TOKENIZERS_PARALLELISM=false, as in prepare's processes)."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
@@ -115,9 +124,9 @@ def bare_encode_mb_s(corpus: Path, tokenizer_dir: Path) -> float:
 
     def flush():
         nonlocal spent, batch, chars
-        t = time.perf_counter()
+        t = time.process_time()
         encode(batch, add_special_tokens=False)
-        spent += time.perf_counter() - t
+        spent += time.process_time() - t
         batch, chars = [], 0
 
     with open(corpus) as f:
@@ -151,17 +160,15 @@ def main() -> int:
         data = ["data=files", f"data.path={corpus}"]
         if tokenizer is not None:  # one tokenizer for every size (trained on the first corpus)
             data.append(f"data.tokenizer={tokenizer}")
-        rates, peaks = {}, {}
+        rates, walls, shares, peaks = {}, {}, {}, {}
         for n in (1, 2):
-            out = root / f"prepared-{mb}mb-np{n}"
+            out, log = root / f"prepared-{mb}mb-np{n}", root / f"prepare-{mb}-np{n}.log"
+            peaks[n] = float("nan")  # a rerun reuses what is prepared: its rates, not its peak
             if not (out / "manifest.json").is_file():
                 cmd = [PY, "-m", "gradcycle.prepare", *data, f"prepare.out={out}",
                        f"prepare.num_proc={n}"]  # fmt: skip
-                log = root / f"prepare-{mb}-np{n}.log"
                 _, peaks[n], _ = watched(cmd, env, log=log)
-                rates[n] = _pipeline_mb_s(log) / n
-            else:
-                rates[n] = peaks[n] = float("nan")
+            rates[n], walls[n], shares[n] = _pipeline_rates(log)
         prepared = root / f"prepared-{mb}mb-np1"
         tokenizer = tokenizer or prepared / "tokenizer"
         bare = bare_encode_mb_s(corpus, prepared / "tokenizer")
@@ -181,9 +188,10 @@ def main() -> int:
         recs = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
         steady = [r for r in recs if "loss" in r][1:]
         wait = sum(r["data_wait_s"] for r in steady) / sum(r["step_time_s"] for r in steady)
-        header = [*HEADER[:6], f"USS per rank (step {args.steps})", *HEADER[7:]]
+        header = [*HEADER[:8], f"USS per rank (step {args.steps})", *HEADER[9:]]
         rows.append([f"{text_mb:,.0f} MB", f"{rates[1]:.2f}", f"{rates[2]:.2f}", f"{bare:.2f}",
-                     f"{rates[1] / bare:.2f}x", f"{max(peaks.values()) / 2**20:,.0f} MB",
+                     f"{rates[1] / bare:.2f}x", f"{shares[1]:.0f}%", f"{walls[2]:.2f}",
+                     f"{max(peaks.values()) / 2**20:,.0f} MB",
                      f"{uss / 2**20:,.0f} MB", f"{stamps.get('first', float('nan')):.1f} s",
                      f"{wait:.2%}"])  # fmt: skip
         print(table(header, rows[-1:]), flush=True)
@@ -192,8 +200,9 @@ def main() -> int:
     return 0
 
 
-HEADER = ["corpus", "prepare MB/s/proc np=1", "np=2", "bare encode MB/s", "np=1 / bare",
-          "prepare peak USS", "USS per rank", "first step", "data wait"]  # fmt: skip
+HEADER = ["corpus", "prepare MB/CPU-s np=1", "np=2", "bare encode MB/CPU-s", "np=1 / bare",
+          "encoder share np=1", "wall MB/s np=2", "prepare peak USS", "USS per rank",
+          "first step", "data wait"]  # fmt: skip
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -55,8 +55,10 @@ def _encode(first: int, texts: list[str]) -> dict:
     """Tokenise documents first.. of the source; EOS after each; split into train and val."""
     w = _WORKER
     encode = getattr(w["tok"], "encode_batch_fast", w["tok"].encode_batch)
-    ids = [e.ids for e in encode(texts, add_special_tokens=False)]
-    out = {"bytes": sum(len(t.encode()) for t in texts)}
+    t0 = time.process_time()
+    encoded = encode(texts, add_special_tokens=False)
+    out = {"bytes": sum(len(t.encode()) for t in texts), "encode_s": time.process_time() - t0}
+    ids = [e.ids for e in encoded]
     for split in fmt.SPLITS:
         keep = [d for i, d in enumerate(ids)
                 if d and is_val(first + i, w["val_fraction"]) == (split == "val")]  # fmt: skip
@@ -203,7 +205,7 @@ def prepare(
         for split in fmt.SPLITS:
             writers[split].add(*enc[split])
         consumed += n_docs
-        bar.update(enc["bytes"], sum(len(enc[s][0]) for s in fmt.SPLITS))
+        bar.update(enc["bytes"], sum(len(enc[s][0]) for s in fmt.SPLITS), enc["encode_s"])
         if any(w.nbytes >= shard_bytes for w in writers.values()):
             _checkpoint(out, writers, consumed, req, fault)
     bar.close()
@@ -279,6 +281,7 @@ class _Progress:
 
     def __init__(self, total: int | None, enabled: bool, skipped: int):
         self.t0, self.bytes, self.tokens, self.bar = time.perf_counter(), 0, 0, None
+        self.cpu0, self.encode_s = _cpu_s(), 0.0
         self.enabled = enabled
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
@@ -288,9 +291,10 @@ class _Progress:
         if enabled and skipped:
             print(f"gradcycle.prepare: resuming after {skipped} documents", file=sys.stderr)
 
-    def update(self, n_bytes: int, n_tokens: int) -> None:
+    def update(self, n_bytes: int, n_tokens: int, encode_s: float) -> None:
         self.bytes += n_bytes
         self.tokens += n_tokens
+        self.encode_s += encode_s
         if self.bar is not None:
             rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
             self.bar.set_postfix(tok_s=f"{rate:.3g}", refresh=False)
@@ -300,10 +304,22 @@ class _Progress:
         if self.bar is not None:
             self.bar.close()
         dt = max(time.perf_counter() - self.t0, 1e-9)
+        cpu = _cpu_s() - self.cpu0  # the pool has exited: its processes' CPU time is counted
         if self.enabled:
             print(f"gradcycle.prepare: {self.bytes / 1e6:.1f} MB of text, {self.tokens} tokens in "
-                  f"{dt:.1f}s ({self.bytes / 1e6 / dt:.2f} MB/s, {self.tokens / dt:.3g} tokens/s)",
+                  f"{dt:.1f}s ({self.bytes / 1e6 / dt:.2f} MB/s, {self.tokens / dt:.3g} tokens/s; "
+                  f"{cpu:.1f} CPU s, {self.bytes / 1e6 / max(cpu, 1e-9):.2f} MB per CPU s, "
+                  f"{self.encode_s / max(cpu, 1e-9):.0%} of it in the encoder)",
                   file=sys.stderr)  # fmt: skip
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process and its finished children (the tokenising processes): a
+    throughput per process that other jobs on a shared machine do not distort."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 # ---------------------------------------------------------------- from a config
