@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
 
 
 @dataclass
 class ModelConfig:
     name: str = "tiny"
     pretrained: str | None = None  # local path or hub id for from_pretrained
+    pretrained_required: bool = False  # fine-tuning presets: refuse to start without pretrained
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
@@ -260,9 +260,10 @@ def validate(cfg: Any, this_machine: bool = True) -> None:
             "batch size optim.lr was tuned for (e.g. optim.reference_batch_size=256)"
         )
     _positive("optim.reference_batch_size", cfg.optim.reference_batch_size)
-    if OmegaConf.is_missing(cfg.model, "pretrained"):  # ??? in a fine-tuning preset
-        raise ValueError("model.pretrained is required by this config (it fine-tunes a pretrained "
-                         "model): set model.pretrained=<save_pretrained folder or hub id>")  # fmt: skip
+    if cfg.model.pretrained_required and not cfg.model.pretrained:
+        raise ValueError("model.pretrained is required by this config (a fine-tuning preset, "
+                         "model.pretrained_required=true): set model.pretrained=<save_pretrained "
+                         "folder or hub id> of the model to fine-tune")  # fmt: skip
     _positive("train.max_steps", cfg.train.max_steps)
     _positive("train.grad_clip", cfg.train.grad_clip, allow_zero=True)
     _positive("train.eval_every", cfg.train.eval_every, allow_zero=True)
