@@ -188,8 +188,15 @@ def test_packed_examples_stay_whole_and_apart_unpacked_rows_pad():
 
 
 # ---------------------------------------------------------------- exact token weighting
-def test_k4_micro2_equals_k1_micro8_and_mean_of_means_does_not(tmp_path):
-    big = train_steps(tmp_path / "k1", [*STEPS, "train.micro_batch_size=8"])
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sft-ref")
+    return {"unpacked": train_steps(tmp / "u", [*STEPS, "train.micro_batch_size=8"]),
+            "packed": train_steps(tmp / "p", [*STEPS, *PACKED, "train.micro_batch_size=8"])}  # fmt: skip
+
+
+def test_k4_micro2_equals_k1_micro8_and_mean_of_means_does_not(tmp_path, references):
+    big = references["unpacked"]  # K=1 x micro 8, one process
     acc = train_steps(tmp_path / "k4", [*STEPS, "train.micro_batch_size=2"])
     for a, b in zip(acc, big, strict=True):
         assert a["tokens"] == b["tokens"]
@@ -224,13 +231,6 @@ def test_k4_micro2_equals_k1_micro8_and_mean_of_means_does_not(tmp_path):
     rel = lambda g: float((g - reference).norm() / reference.norm())  # noqa: E731
     assert rel(exact) < 1e-5
     assert rel(mean_of_means) > 1e-2, rel(mean_of_means)  # another objective, not rounding
-
-
-@pytest.fixture(scope="module")
-def references(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sft-ref")
-    return {"unpacked": train_steps(tmp / "u", [*STEPS, "train.micro_batch_size=8"]),
-            "packed": train_steps(tmp / "p", [*STEPS, *PACKED, "train.micro_batch_size=8"])}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
