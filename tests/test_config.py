@@ -14,7 +14,10 @@ GROUPS = sorted(p.name for p in (ROOT / "conf").iterdir() if p.is_dir())
 # Groups whose options need a user value to be complete.
 # data=tokens: config-level, any directory (its manifest is checked when the data is opened).
 NEEDS = {("data", "files"): [f"data.path={RAGGED_DATA}"], ("data", "hub"): [f"data.path={ROOT}"],
-         ("data", "tokens"): [f"data.path={ROOT}"]}  # fmt: skip
+         ("data", "tokens"): [f"data.path={ROOT}"],
+         # a hub id is not read by validate(): no download
+         ("experiment", "sft-llama-7b-1node"): ["model.pretrained=meta-llama/Llama-2-7b-chat-hf",
+                                                f"data.path={RAGGED_DATA}"]}  # fmt: skip
 
 
 def _options():

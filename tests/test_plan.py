@@ -215,6 +215,38 @@ def test_presets_compose_build_on_meta_and_fit():
     assert sum(js["breakdown"].values()) == pytest.approx(js["peak_bytes_per_gpu"], abs=16)
 
 
+def test_sft_preset_needs_its_pretrained_model_and_fits(tmp_path, capsys):
+    """experiment=sft-llama-7b-1node: refused without model.pretrained (one message naming it),
+    and with a local Llama-2-7B-shaped folder the planner reads its shape and the preset fits."""
+    from transformers import LlamaConfig
+
+    from gradcycle.config import validate
+    from gradcycle.planner.plan import main, make_plan
+
+    assert main(["experiment=sft-llama-7b-1node"]) == 2
+    err = capsys.readouterr().err
+    assert "model.pretrained is required" in err and "set model.pretrained=" in err
+    LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        intermediate_size=11008,
+        max_position_embeddings=4096,
+    ).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")  # the planner reads config.json only
+    (tmp_path / "tokenizer.json").write_text("{}")
+    cfg = compose(["experiment=sft-llama-7b-1node", f"model.pretrained={tmp_path}",
+                   f"data.path={ROOT / 'README.md'}"])  # fmt: skip
+    validate(cfg, this_machine=False)
+    assert (cfg.data.format, cfg.precision, cfg.backend.name) == ("chat", "bf16", "fsdp")
+    plan = make_plan(cfg)
+    assert round(plan.shape.n_params / 1e9, 2) == 6.74 and plan.world == 8
+    c = plan.configured
+    assert c.est.peak <= plan.budget * cfg.plan.headroom
+    assert c.micro * c.setup.accumulation * plan.world == cfg.train.global_batch_size
+
+
 def test_auto_keeps_the_global_batch():
     from gradcycle.batching import plan_from_config
     from gradcycle.planner.auto import resolve_auto

@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 class ModelConfig:
     name: str = "tiny"
     pretrained: str | None = None  # local path or hub id for from_pretrained
+    pretrained_required: bool = False  # fine-tuning presets: refuse to start without pretrained
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
@@ -34,10 +35,17 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "stdlib"  # stdlib | files | hub | tokens
+    name: str = "stdlib"  # stdlib | stdlib_sft | files | hub | tokens
     # files: file, folder or glob; hub: dataset id or local dataset dir; tokens: a prepared dir
     path: str | None = None
     text_field: str = "text"
+    format: str = "text"  # text | prompt_completion | chat (fine-tuning: loss on the answer only)
+    prompt_field: str = "prompt"  # prompt_completion: the columns read
+    completion_field: str = "completion"
+    messages_field: str = "messages"  # chat: [{role, content}, ...]
+    chat_template: str | None = None  # chat: a jinja file; None = the tokenizer's own template
+    train_on: str = "all"  # chat: loss on all assistant turns, or only the last
+    on_overlong: str = "skip"  # an example whose prompt alone fills data.seq_len: skip | error
     split: str = "train"
     seq_len: int = 256
     packing: bool = True
@@ -228,7 +236,6 @@ def validate(cfg: Any, this_machine: bool = True) -> None:
     _one_of("activation_checkpointing.mode", cfg.activation_checkpointing.mode,
             ("none", "full", "selective"))  # fmt: skip
     _one_of("train.on_nonfinite", cfg.train.on_nonfinite, ("skip", "halt"))
-    _one_of("data.name", cfg.data.name, ("stdlib", "files", "hub", "tokens"))
     _one_of("logging.wandb.mode", cfg.logging.wandb.mode, ("disabled", "offline", "online"))
     _one_of("plan.format", cfg.plan.format, ("text", "json"))
     if not (0 < cfg.plan.mfu <= 1 and 0 < cfg.plan.headroom <= 1):
@@ -253,6 +260,10 @@ def validate(cfg: Any, this_machine: bool = True) -> None:
             "batch size optim.lr was tuned for (e.g. optim.reference_batch_size=256)"
         )
     _positive("optim.reference_batch_size", cfg.optim.reference_batch_size)
+    if cfg.model.pretrained_required and not cfg.model.pretrained:
+        raise ValueError("model.pretrained is required by this config (a fine-tuning preset, "
+                         "model.pretrained_required=true): set model.pretrained=<save_pretrained "
+                         "folder or hub id> of the model to fine-tune")  # fmt: skip
     _positive("train.max_steps", cfg.train.max_steps)
     _positive("train.grad_clip", cfg.train.grad_clip, allow_zero=True)
     _positive("train.eval_every", cfg.train.eval_every, allow_zero=True)
@@ -287,23 +298,9 @@ def validate(cfg: Any, this_machine: bool = True) -> None:
             "e.g. train.accumulation_steps=null to derive it from the global batch"
         )
 
-    if cfg.data.seq_len < 2:
-        raise ValueError(f"data.seq_len={cfg.data.seq_len} must be >= 2 (a token and its target)")
-    if cfg.model.pretrained is None and cfg.data.seq_len > cfg.model.max_position_embeddings:
-        raise ValueError(
-            f"data.seq_len={cfg.data.seq_len} exceeds model.max_position_embeddings="
-            f"{cfg.model.max_position_embeddings}: lower data.seq_len or raise the model's limit"
-        )
-    if not 0 < cfg.data.val_fraction < 1:
-        raise ValueError(f"data.val_fraction={cfg.data.val_fraction} must be within (0, 1)")
-    _positive("data.max_documents", cfg.data.max_documents)
-    if cfg.data.tokenizer is None and cfg.data.vocab_size < 260:
-        raise ValueError(
-            f"data.vocab_size={cfg.data.vocab_size} must be >= 260 (256 bytes + specials)"
-        )
     from gradcycle.data.checks import check_config
 
-    check_config(cfg)  # the rest of data.* and prepare.*
+    check_config(cfg)  # data.* and prepare.* (gradcycle/data/checks.py)
 
     m = cfg.model
     if m.pretrained is None:
@@ -318,11 +315,9 @@ def validate(cfg: Any, this_machine: bool = True) -> None:
             raise ValueError(
                 f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={kv}"
             )
-    elif _looks_local(m.pretrained):
-        own_tokenizer = cfg.data.tokenizer is None and cfg.data.name != "tokens"
-        check_model_dir("model.pretrained", m.pretrained, tokenizer=own_tokenizer)
-    if cfg.data.tokenizer is not None and _looks_local(cfg.data.tokenizer):
-        check_model_dir("data.tokenizer", cfg.data.tokenizer, model=False)
+    from gradcycle.data.checks import check_folders
+
+    check_folders(cfg)  # model.pretrained / data.tokenizer: a local folder is complete
     for key in ("memory_gb", "bf16_tflops", "intra_node_gbps", "inter_node_gbps"):
         _positive(f"hardware.{key}", cfg.hardware[key])
     _positive("hardware.reserved_gb", cfg.hardware.reserved_gb, allow_zero=True)
@@ -371,34 +366,3 @@ def validate(cfg: Any, this_machine: bool = True) -> None:
         raise ValueError(
             f"resume={cfg.resume!r}: no such checkpoint (use resume=auto or resume=none)"
         )
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")  # fmt: skip
-
-
-def check_model_dir(name: str, path: str, model: bool = True, tokenizer: bool = True) -> None:
-    """A local Hugging Face folder: say which field, which folder and what is missing in it."""
-    folder = os.path.expanduser(path)
-    if not os.path.isdir(folder):
-        what = "a save_pretrained folder" if model else "a tokenizer folder (save_pretrained)"
-        raise ValueError(f"{name}={path!r}: no such directory; give {what} or a hub id")
-    present = set(os.listdir(folder))
-    missing = []
-    if model and "config.json" not in present:
-        missing.append("config.json")
-    if model and not present & set(WEIGHT_FILES):
-        missing.append("weights (" + " or ".join(WEIGHT_FILES[::2]) + ")")
-    if tokenizer and not present & set(TOKENIZER_FILES):
-        missing.append("tokenizer files (" + " or ".join(TOKENIZER_FILES[:2]) + ")")
-    if missing:
-        raise ValueError(
-            f"{name}={path!r}: the folder lacks {', '.join(missing)}; point it at a complete "
-            "save_pretrained folder"
-            + (" (or set data.tokenizer=<tokenizer folder>)" if model and tokenizer else "")
-        )
-
-
-def _looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or os.path.exists(path)

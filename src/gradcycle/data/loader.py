@@ -84,18 +84,22 @@ class HostBatch:
 
 
 def collate(samples: list, pad_id: int, document_mask: bool = False) -> HostBatch:
-    """Rows right-padded to the longest, labels -100 on padding.
+    """Rows right-padded to the longest, labels -100 on padding (and, for fine-tuning samples
+    (tokens, starts, mask), where the mask is 0: the prompt).
 
     No padding mask is needed: with right padding and causal attention no real token attends to
     padding, and padded positions carry no loss.
     """
-    width = max(len(ids) for ids, _ in samples)
+    width = max(len(sample[0]) for sample in samples)
     rows = np.empty((3, len(samples), width), np.int32)
     rows[0], rows[1], rows[2] = pad_id, IGNORE_INDEX, np.arange(width, dtype=np.int32)
-    for row, (tokens, starts) in enumerate(samples):
+    for row, (tokens, starts, *mask) in enumerate(samples):
         n = len(tokens)
         rows[0, row, :n] = tokens
-        rows[1, row, :n], rows[2, row, :n] = row_inputs(tokens, starts, document_mask)
+        labels, rows[2, row, :n] = row_inputs(tokens, starts, document_mask)
+        if mask:  # fine-tuning data: only the answer's tokens are targets (labels are unshifted)
+            labels[mask[0] == 0] = IGNORE_INDEX
+        rows[1, row, :n] = labels
     targets = int((rows[1, :, 1:] != IGNORE_INDEX).sum())
     seq_lens = varlen_lengths(rows[2]).astype(np.int32) if document_mask else None
     return HostBatch(rows, targets, seq_lens)

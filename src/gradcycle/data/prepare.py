@@ -10,6 +10,11 @@ Resumable: every shard is written under a temporary name and renamed when comple
 `.prepare-state.json` records the shards done and the documents consumed. A rerun after a kill
 checks the finished shards (sha256) and continues after them; `manifest.json` is written last.
 
+Fine-tuning data (data.format=prompt_completion|chat) is rendered and masked by
+gradcycle/data/sft.py in the same workers, and each shard gets a per-token loss mask beside its
+tokens; examples whose prompt alone fills data.seq_len are skipped, counted in the manifest
+(`sft.skipped_overlong`) and the summary line.
+
 Validation split: document i (in source order) is held out when round(i * f) steps up at i, which
 holds out round(n * f) documents spread evenly over the source (f = data.val_fraction).
 """
@@ -29,6 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from gradcycle.data import shards as fmt
+from gradcycle.data.progress import Progress
+from gradcycle.data.sft import chars as _chars
+from gradcycle.data.sft import encode_examples
 from gradcycle.data.sources import Source, cache_root
 from gradcycle.data.tokenizer import source_tokenizer, tokenizer_info
 
@@ -44,16 +52,20 @@ def is_val(index: int, fraction: float) -> bool:
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_json: str, eos: int, dtype: str, val_fraction: float) -> None:
+def _init_worker(tokenizer_json: str, eos: int, dtype: str, val_fraction: float,
+                 spec=None) -> None:  # fmt: skip
     from tokenizers import Tokenizer
 
     _WORKER.update(tok=Tokenizer.from_str(tokenizer_json), eos=eos, dtype=np.dtype(dtype),
-                   val_fraction=val_fraction)  # fmt: skip
+                   val_fraction=val_fraction, spec=spec)  # fmt: skip
 
 
-def _encode(first: int, texts: list[str]) -> dict:
+def _encode(first: int, texts: list) -> dict:
     """Tokenise documents first.. of the source; EOS after each; split into train and val."""
     w = _WORKER
+    if w["spec"] is not None:  # fine-tuning examples: tokens, loss mask, skipped (sft.py)
+        split_of = lambda i: "val" if is_val(i, w["val_fraction"]) else "train"  # noqa: E731
+        return encode_examples(texts, first, w["tok"], w["eos"], w["dtype"], w["spec"], split_of)
     encode = getattr(w["tok"], "encode_batch_fast", w["tok"].encode_batch)
     t0 = time.process_time()
     encoded = encode(texts, add_special_tokens=False)
@@ -77,7 +89,7 @@ def _batches(docs, first: int):
     batch, chars = [], 0
     for text in docs:
         batch.append(text)
-        chars += len(text)
+        chars += _chars(text)
         if chars >= BATCH_CHARS:
             yield first, batch
             first, batch, chars = first + len(batch), [], 0
@@ -122,11 +134,13 @@ def _fault_hook():
 
 
 # ---------------------------------------------------------------- the pipeline
-def request(source: Source, info: dict, dtype: str, val_fraction: float) -> dict:
+def request(source: Source, info: dict, dtype: str, val_fraction: float, spec=None) -> dict:
     """What was asked for; equal requests give equal prepared data (the cache key)."""
     req = {"format_version": fmt.FORMAT_VERSION, "source": source.describe(),
            "source_fingerprint": source.fingerprint, "tokenizer_hash": info["hash"],
            "dtype": dtype, "val_fraction": val_fraction}  # fmt: skip
+    if spec is not None:  # only then: text requests (and cache keys) stay what they were
+        req["sft"] = spec.describe()
     req["key"] = hashlib.sha256(repr(sorted(req.items())).encode()).hexdigest()[:16]
     return req
 
@@ -179,36 +193,48 @@ def prepare(
     shard_mb: float,
     dtype: str = "auto",
     progress: bool = True,
+    spec=None,
 ) -> dict:
     """Prepare `source` into `out` (or resume, or find it done). Returns the manifest."""  # fmt: skip
     out = Path(out).expanduser().resolve()
     info = tokenizer_info(tokenizer, tok_name)
     dtype = fmt.choose_dtype(info["vocab_size"], dtype)
-    req = request(source, info, dtype, val_fraction)
+    req = request(source, info, dtype, val_fraction, spec)
     manifest, state = _check_out(out, req)
     if manifest is not None:
         return manifest
+    masked, fresh = spec is not None, state is None
     try:
-        writers, consumed = _resume(out, state, dtype)
+        writers, consumed, skipped = _resume(out, state, dtype, masked)
     except fmt.Restart as why:
         print(f"gradcycle.prepare: starting over in {out}: {why}", file=sys.stderr)
         _clean(out, keep=set())
-        writers, consumed = _resume(out, None, dtype)
+        (writers, consumed, skipped), fresh = _resume(out, None, dtype, masked), True
     fault = _fault_hook() if os.environ.get("GRADCYCLE_FAULT") else None
     shard_bytes = max(1, int(shard_mb * 2**20))
-    init = (tokenizer.backend_tokenizer.to_str(), info["eos_id"], dtype, val_fraction)
+    init = (tokenizer.backend_tokenizer.to_str(), info["eos_id"], dtype, val_fraction, spec)
     docs = source.documents(skip=consumed)
     head = list(itertools.islice(docs, 1))  # opens the source: imports and setup are not timed
     docs = itertools.chain(head, docs)
-    bar = _Progress(source.total_bytes(), progress, consumed)
-    for n_docs, enc in _encoded(_batches(docs, consumed), max(1, num_proc), init):
-        for split in fmt.SPLITS:
-            writers[split].add(*enc[split])
-        consumed += n_docs
-        bar.update(enc["bytes"], sum(len(enc[s][0]) for s in fmt.SPLITS), enc["encode_s"])
-        if any(w.nbytes >= shard_bytes for w in writers.values()):
-            _checkpoint(out, writers, consumed, req, fault)
-    bar.close()
+    bar = Progress(source.total_bytes(), progress, consumed)
+    try:
+        for n_docs, enc in _encoded(_batches(docs, consumed), max(1, num_proc), init):
+            for split in fmt.SPLITS:
+                writers[split].add(*enc[split])
+                skipped[split] += enc.get("skipped", {}).get(split, 0)
+            consumed += n_docs
+            n_tokens = sum(len(enc[s][0]) for s in fmt.SPLITS)
+            bar.update(enc["bytes"], n_tokens, enc.get("encode_s", 0.0))
+            if any(w.nbytes >= shard_bytes for w in writers.values()):
+                _checkpoint(out, writers, consumed, req, fault, skipped)
+    except ValueError:  # a bad example: a fresh output is removed, a resumed one kept as it was
+        for w in writers.values():
+            w.close()
+        _clean(out, keep=set() if fresh else {*_listed(_read_state(out)), STATE})
+        if fresh and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    bar.close(skipped if masked else None)
     for split, w in writers.items():
         w.cut(fault if split == "train" else None)
     if not writers["train"].shards:
@@ -219,7 +245,6 @@ def prepare(
             f"data: the source ({source.describe()}) holds no non-empty document"
             + ("" if consumed == 0 else " outside the validation split: lower data.val_fraction")
         )
-    _save_tokenizer(tokenizer, out / fmt.TOKENIZER_DIR)
     streams = {s: {k: h.hexdigest() for k, h in writers[s].stream.items()} for s in fmt.SPLITS}
     blob = repr((info["hash"], dtype, sorted((s, sorted(v.items())) for s, v in streams.items())))
     manifest = {
@@ -227,26 +252,35 @@ def prepare(
         "fingerprint": hashlib.sha256(blob.encode()).hexdigest()[:16],
         "request": req, "source": {**source.describe(), "fingerprint": req["source_fingerprint"]},
         "tokenizer": {**info, "dir": fmt.TOKENIZER_DIR}, "dtype": dtype,
-        "arrays": fmt.arrays(dtype), "val_fraction": val_fraction, "shard_mb": shard_mb,
+        "arrays": fmt.arrays(dtype, masked), "val_fraction": val_fraction, "shard_mb": shard_mb,
         "splits": {s: {**writers[s].summary(), "stream_sha256": streams[s]} for s in fmt.SPLITS},
     }  # fmt: skip
+    if masked:
+        manifest["sft"] = {**spec.describe(), "skipped_overlong": skipped}
+        tokenizer.chat_template = spec.template or getattr(tokenizer, "chat_template", None)
+    _save_tokenizer(tokenizer, out / fmt.TOKENIZER_DIR)  # with the chat template trained on
     fmt.write_json(out / fmt.MANIFEST, manifest)
     (out / STATE).unlink(missing_ok=True)
     return manifest
 
 
-def _resume(out: Path, state: dict | None, dtype: str):
+def _listed(state: dict | None) -> set[str]:
     done = (state or {}).get("shards", {})
-    writers = {s: fmt.ShardWriter(out, s, dtype, done.get(s, [])) for s in fmt.SPLITS}
-    listed = {e["name"] for shards in done.values() for sh in shards for e in sh["files"].values()}
+    return {e["name"] for shards in done.values() for sh in shards for e in sh["files"].values()}
+
+
+def _resume(out: Path, state: dict | None, dtype: str, masked: bool = False):
+    done = (state or {}).get("shards", {})
+    writers = {s: fmt.ShardWriter(out, s, dtype, done.get(s, []), masked) for s in fmt.SPLITS}
     if out.is_dir():
-        _clean(out, keep=listed | {STATE})
+        _clean(out, keep=_listed(state) | {STATE})
     for w in writers.values():
         w.replay()
-    return writers, int((state or {}).get("documents_consumed", 0))
+    skipped = {s: 0 for s in fmt.SPLITS} | (state or {}).get("skipped_overlong", {})
+    return writers, int((state or {}).get("documents_consumed", 0)), skipped
 
 
-_LEFTOVERS = (".tmp-", "tokens-", "docs-", "val-")
+_LEFTOVERS = (".tmp-", "tokens-", "docs-", "mask-", "val-")
 
 
 def _ours(name: str) -> bool:
@@ -261,11 +295,12 @@ def _clean(out: Path, keep: set[str]) -> None:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def _checkpoint(out: Path, writers: dict, consumed: int, req: dict, fault) -> None:
+def _checkpoint(out: Path, writers: dict, consumed: int, req: dict, fault, skipped: dict) -> None:
     for split, w in writers.items():  # cut together: the state names one point in the source
         w.cut(fault if split == "train" else None)
     shards = {s: w.shards for s, w in writers.items()}
-    fmt.write_json(out / STATE, {"request": req, "documents_consumed": consumed, "shards": shards})
+    fmt.write_json(out / STATE, {"request": req, "documents_consumed": consumed, "shards": shards,
+                                 "skipped_overlong": skipped})  # fmt: skip
 
 
 def _save_tokenizer(tokenizer, path: Path) -> None:
@@ -274,52 +309,6 @@ def _save_tokenizer(tokenizer, path: Path) -> None:
     tokenizer.save_pretrained(str(tmp))
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
-
-
-class _Progress:
-    """tqdm on a terminal (MB/s of text, tokens/s); a summary line at the end either way."""
-
-    def __init__(self, total: int | None, enabled: bool, skipped: int):
-        self.t0, self.bytes, self.tokens, self.bar = time.perf_counter(), 0, 0, None
-        self.cpu0, self.encode_s = _cpu_s(), 0.0
-        self.enabled = enabled
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare",
-                            file=sys.stderr, mininterval=1.0)  # fmt: skip
-        if enabled and skipped:
-            print(f"gradcycle.prepare: resuming after {skipped} documents", file=sys.stderr)
-
-    def update(self, n_bytes: int, n_tokens: int, encode_s: float) -> None:
-        self.bytes += n_bytes
-        self.tokens += n_tokens
-        self.encode_s += encode_s
-        if self.bar is not None:
-            rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
-            self.bar.set_postfix(tok_s=f"{rate:.3g}", refresh=False)
-            self.bar.update(n_bytes)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        dt = max(time.perf_counter() - self.t0, 1e-9)
-        cpu = _cpu_s() - self.cpu0  # the pool has exited: its processes' CPU time is counted
-        if self.enabled:
-            print(f"gradcycle.prepare: {self.bytes / 1e6:.1f} MB of text, {self.tokens} tokens in "
-                  f"{dt:.1f}s ({self.bytes / 1e6 / dt:.2f} MB/s, {self.tokens / dt:.3g} tokens/s; "
-                  f"{cpu:.1f} CPU s, {self.bytes / 1e6 / max(cpu, 1e-9):.2f} MB per CPU s, "
-                  f"{self.encode_s / max(cpu, 1e-9):.0%} of it in the encoder)",
-                  file=sys.stderr)  # fmt: skip
-
-
-def _cpu_s() -> float:
-    """CPU seconds of this process and its finished children (the tokenising processes): a
-    throughput per process that other jobs on a shared machine do not distort."""
-    import resource
-
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 # ---------------------------------------------------------------- from a config
@@ -331,15 +320,20 @@ def prepare_config(cfg, out: Path | None = None, progress: bool = True) -> tuple
     """Prepare cfg.data into `out`, or (out=None) into the cache under a file lock, once."""
     from filelock import FileLock
 
+    from gradcycle.data.sft import spec_from_config
+
     source = Source.from_config(cfg.data)
     cache = cache_root(cfg.data)
     tokenizer, tok_name = source_tokenizer(cfg, source, cache)
+    where = f"data.path={cfg.data.path!r}" if cfg.data.path else f"data={cfg.data.name}"
+    spec = spec_from_config(cfg, tokenizer, where)
     kwargs = dict(val_fraction=cfg.data.val_fraction, num_proc=num_proc(cfg),
-                  shard_mb=cfg.prepare.shard_mb, dtype=cfg.prepare.dtype, progress=progress)  # fmt: skip
+                  shard_mb=cfg.prepare.shard_mb, dtype=cfg.prepare.dtype, progress=progress,
+                  spec=spec)  # fmt: skip
     if out is not None:
         return prepare(source, tokenizer, tok_name, out, **kwargs), Path(out)
     dtype = fmt.choose_dtype(len(tokenizer), cfg.prepare.dtype)
-    key = request(source, tokenizer_info(tokenizer, tok_name), dtype, cfg.data.val_fraction)
+    key = request(source, tokenizer_info(tokenizer, tok_name), dtype, cfg.data.val_fraction, spec)
     out = cache / "prepared" / key["key"]
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):  # N ranks on a shared cache: one prepares, all read
@@ -373,5 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"prepared {out}: {train['documents']} + {val['documents']} documents (train + val), "
           f"{train['tokens']} + {val['tokens']} tokens, {len(train['shards'])} + "
           f"{len(val['shards'])} shards, {manifest['dtype']}, fingerprint "
-          f"{manifest['fingerprint']}\ntrain on it: python train.py data=tokens data.path={out}")  # fmt: skip
+          f"{manifest['fingerprint']}{_skipped_note(manifest)}\ntrain on it: python train.py data=tokens data.path={out}")  # fmt: skip
     return 0
+
+
+def _skipped_note(manifest: dict) -> str:
+    if "sft" not in manifest:
+        return ""
+    n = manifest["sft"]["skipped_overlong"]
+    return f", {manifest['sft']['format']} examples; skipped as overlong: {n['train']} + {n['val']}"

@@ -10,6 +10,9 @@ nothing holds the corpus, and what a process touches is the page cache's, shared
   packed   (data.packing=true):  sample j = tokens [j*T, (j+1)*T) of the split's token stream,
            across document and shard boundaries (T = data.seq_len)
   unpacked (data.packing=false): sample i = document i, truncated to T tokens
+Fine-tuning data (a `mask` array in the manifest) adds the loss mask to every sample, and packs
+whole examples: row r = examples [first_r, first_{r+1}) laid end to end, as many as fit in T in
+source order (an example longer than T alone, truncated), so no example is cut across rows.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ class Split:
     def __init__(self, root: Path, manifest: dict, split: str):
         shards = manifest["splits"][split]["shards"]
         self.root, self.dtype = Path(root), np.dtype(manifest["dtype"])
-        self.files = [(s["files"]["tokens"]["name"], s["files"]["docs"]["name"]) for s in shards]
+        self.masked = "mask" in manifest["arrays"]
+        names = ("tokens", "docs", "mask") if self.masked else ("tokens", "docs")
+        self.files = [tuple(s["files"][a]["name"] for a in names) for s in shards]
         self.token_bounds = np.cumsum([0] + [s["tokens"] for s in shards], dtype=np.int64)
         self.doc_bounds = np.cumsum([0] + [s["documents"] for s in shards], dtype=np.int64)
         self.n_tokens, self.n_docs = int(self.token_bounds[-1]), int(self.doc_bounds[-1])
@@ -38,23 +43,25 @@ class Split:
     def __getstate__(self) -> dict:  # each process maps the files itself
         return {**self.__dict__, "_maps": {}}
 
-    def _map(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+    def _map(self, shard: int) -> tuple:
         if shard not in self._maps:
-            tokens, docs = self.files[shard]
+            tokens, docs, *mask = self.files[shard]
             self._maps[shard] = (np.memmap(self.root / tokens, dtype=self.dtype, mode="r"),
-                                 np.load(self.root / docs, mmap_mode="r"))  # fmt: skip
+                                 np.load(self.root / docs, mmap_mode="r"),
+                                 *(np.memmap(self.root / m, dtype=np.uint8, mode="r")
+                                   for m in mask))  # fmt: skip
         return self._maps[shard]
 
     def _shard_of(self, position: int) -> int:
         return int(np.searchsorted(self.token_bounds, position, side="right")) - 1
 
-    def tokens(self, start: int, stop: int) -> np.ndarray:
-        """Tokens [start, stop) of the stream as int32, across shard boundaries."""
+    def tokens(self, start: int, stop: int, array: int = 0) -> np.ndarray:
+        """Tokens [start, stop) of the stream as int32 (array=2: the loss mask), across shards."""
         parts, pos = [], start
         while pos < stop:
             s = self._shard_of(pos)
             base, end = int(self.token_bounds[s]), int(self.token_bounds[s + 1])
-            parts.append(self._map(s)[0][pos - base : min(stop, end) - base])
+            parts.append(self._map(s)[array][pos - base : min(stop, end) - base])
             pos = min(stop, end)
         return np.concatenate(parts).astype(np.int32)
 
@@ -70,12 +77,21 @@ class Split:
             pos = min(stop, end)
         return np.concatenate(found) if found else np.zeros(0, np.int64)
 
-    def document(self, d: int) -> np.ndarray:
+    def span(self, d: int) -> tuple[int, int]:
+        """Document d's [start, stop) in the split's token stream."""
         s = int(np.searchsorted(self.doc_bounds, d, side="right")) - 1
         offsets = self._map(s)[1]
         local = d - int(self.doc_bounds[s])
         base = int(self.token_bounds[s])
-        return self.tokens(base + int(offsets[local]), base + int(offsets[local + 1]))
+        return base + int(offsets[local]), base + int(offsets[local + 1])
+
+    def document(self, d: int) -> np.ndarray:
+        return self.tokens(*self.span(d))
+
+    def lengths(self) -> np.ndarray:
+        """Every document's length (int64, documents entries: 8 bytes each, not the tokens)."""
+        parts = [np.diff(self._map(s)[1]) for s in range(len(self.files))]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 class PackedSamples:
@@ -94,7 +110,8 @@ class PackedSamples:
 
 
 class DocumentSamples:
-    """Sample i: document i, truncated to T tokens (the loader pads the micro-batch)."""
+    """Sample i: document i, truncated to T tokens (the loader pads the micro-batch); masked
+    data: (tokens, None, loss mask)."""
 
     def __init__(self, split: Split, seq_len: int):
         self.split, self.seq_len = split, seq_len
@@ -102,8 +119,43 @@ class DocumentSamples:
     def __len__(self) -> int:
         return self.split.n_docs
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, None]:
-        return self.split.document(int(i))[: self.seq_len], None
+    def __getitem__(self, i: int) -> tuple:
+        start, stop = self.split.span(int(i))
+        stop = min(stop, start + self.seq_len)
+        if not self.split.masked:
+            return self.split.tokens(start, stop), None
+        return self.split.tokens(start, stop), None, self.split.tokens(start, stop, array=2)
+
+
+def pack_whole(lengths: np.ndarray, seq_len: int) -> np.ndarray:
+    """First example of every row, and one past the last: greedy in source order, whole
+    examples only (one longer than seq_len takes a row alone)."""
+    firsts, fill = [0], 0
+    for i, n in enumerate(np.minimum(lengths, seq_len).tolist()):
+        if fill and fill + n > seq_len:
+            firsts.append(i)
+            fill = 0
+        fill += n
+    return np.asarray(firsts + [len(lengths)], np.int64)
+
+
+class ExampleRows:
+    """Masked data packed: row r = whole examples [firsts[r], firsts[r+1]) end to end (<= T
+    tokens; the loader pads), their starts, and their loss mask."""
+
+    def __init__(self, split: Split, seq_len: int):
+        self.split, self.seq_len = split, seq_len
+        self.firsts = pack_whole(split.lengths(), seq_len)  # one int64 per row
+
+    def __len__(self) -> int:
+        return len(self.firsts) - 1
+
+    def __getitem__(self, r: int) -> tuple:
+        a, b = int(self.firsts[r]), int(self.firsts[r + 1])
+        start, stop = self.split.span(a)[0], self.split.span(b - 1)[1]
+        stop = min(stop, start + self.seq_len)
+        tokens, mask = self.split.tokens(start, stop), self.split.tokens(start, stop, array=2)
+        return tokens, self.split.doc_starts(start, stop), mask
 
 
 @dataclass
@@ -122,8 +174,14 @@ class TokenData:
     def pad_id(self) -> int:
         return int(self.manifest["tokenizer"]["pad_id"])
 
+    @property
+    def masked(self) -> bool:
+        return "mask" in self.manifest["arrays"]
+
     def samples(self, split: str, data_cfg):
-        kind = PackedSamples if data_cfg.packing else DocumentSamples
+        kind = DocumentSamples
+        if data_cfg.packing:
+            kind = ExampleRows if self.masked else PackedSamples
         return kind(Split(self.root, self.manifest, split), data_cfg.seq_len)
 
 
@@ -169,6 +227,15 @@ def _check_configured_tokenizer(cfg, root: Path, recorded: str) -> None:
 
 def _check_samples(cfg, data: TokenData) -> None:
     d = cfg.data
+    made = data.manifest.get("sft", {}).get("format", "text")
+    if d.name == "tokens" and d.format not in ("text", made):
+        raise ValueError(f"data.format={d.format} but {data.root} holds {made} data: drop "
+                         f"data.format (it comes from the manifest) or prepare again")  # fmt: skip
+    if data.masked and d.packing and not d.document_mask:
+        raise ValueError(
+            f"{data.root} holds {made} examples: data.packing=true needs data.document_mask=true, "
+            "or the packed examples would attend to each other (or set data.packing=false)"
+        )
     if len(data.samples("train", d)) == 0:
         raise ValueError(
             f"data: no training sample of data.seq_len={d.seq_len} tokens in {data.root}: lower "

@@ -7,12 +7,14 @@
     <dir>/tokens-NNNNN.bin       train documents concatenated, each followed by EOS (raw uint16
                                  when the vocabulary fits, else uint32)
     <dir>/docs-NNNNN.npy         int64 document offsets in that shard: documents + 1 entries
+    <dir>/mask-NNNNN.bin         fine-tuning data only (data.format=prompt_completion|chat): uint8
+                                 per token, 1 = a target (the answer), 0 = context (the prompt)
     <dir>/val-tokens-NNNNN.bin, val-docs-NNNNN.npy   the held-out documents, the same way
 
 `arrays` lists what a shard holds, each with `per` (token | document), `dtype` and a file name
-pattern; every shard names one file per array. A later per-token array (e.g. a loss mask,
-`mask-NNNNN.bin`) is one more entry: readers check the files of every array and read the ones they
-know, so adding one is no format break.
+pattern; every shard names one file per array. The loss mask of fine-tuning data is such an
+entry (`mask`, per token): readers check the files of every array and read the ones they know, so
+adding one is no format break, and text data is written exactly as before.
 """
 
 from __future__ import annotations
@@ -45,11 +47,14 @@ def choose_dtype(vocab_size: int, requested: str) -> str:
     return dtype
 
 
-def arrays(dtype: str) -> dict:
-    return {
+def arrays(dtype: str, masked: bool = False) -> dict:
+    out = {
         "tokens": {"per": "token", "dtype": dtype, "file": "{split}tokens-{shard:05d}.bin"},
         "docs": {"per": "document", "dtype": "int64", "file": "{split}docs-{shard:05d}.npy"},
     }
+    if masked:
+        out["mask"] = {"per": "token", "dtype": "uint8", "file": "{split}mask-{shard:05d}.bin"}
+    return out
 
 
 def file_name(pattern: str, split: str, shard: int) -> str:
@@ -138,7 +143,7 @@ def check_files(root: Path, manifest: dict) -> None:
                         f"{path} has {size} bytes, {MANIFEST} records {entry['bytes']}: the "
                         "shard is truncated or corrupt; copy it again or prepare it again"
                     )
-                if spec["per"] == "token" and name == "tokens":
+                if spec["per"] == "token":
                     per = np.dtype(spec["dtype"]).itemsize
                     if shard["tokens"] * per != size:
                         raise ValueError(f"{path}: {size} bytes for {shard['tokens']} tokens of "
@@ -151,13 +156,17 @@ class Restart(Exception):
 
 
 class ShardWriter:
-    """One split's shards: tokens streamed to a temporary file, renamed when the shard is cut."""
+    """One split's shards: the per-token arrays (tokens, and a loss mask for fine-tuning data)
+    streamed to temporary files, renamed with the document offsets when the shard is cut."""
 
-    def __init__(self, out: Path, split: str, dtype: str, done: list[dict]):
-        self.out, self.split, self.arrays = out, split, arrays(dtype)
+    def __init__(self, out: Path, split: str, dtype: str, done: list[dict], masked: bool = False):
+        self.out, self.split, self.arrays = out, split, arrays(dtype, masked)
+        self.per_token = [a for a, spec in self.arrays.items() if spec["per"] == "token"]
         self.shards = list(done)
         self.stream = {"tokens": hashlib.sha256(), "lengths": hashlib.sha256()}
-        self.file, self.hash, self.lengths = None, None, []
+        if masked:  # only then: text data keeps the fingerprint it had before masks existed
+            self.stream["mask"] = hashlib.sha256()
+        self.files, self.hashes, self.lengths = {}, {}, []
 
     def _name(self, array: str, index: int) -> str:
         return file_name(self.arrays[array]["file"], self.split, index)
@@ -165,27 +174,33 @@ class ShardWriter:
     def replay(self) -> None:
         """Resume: check the finished shards byte for byte and feed the stream hashes."""
         for i, shard in enumerate(self.shards):
-            for array in ("tokens", "docs"):
+            for array in self.arrays:
                 entry, path = shard["files"][array], self.out / self._name(array, i)
                 if not path.is_file() or sha256_file(path) != entry["sha256"]:
                     raise Restart(f"{path} differs from the shard the prepare state records")
-            with open(self.out / self._name("tokens", i), "rb") as f:
-                while block := f.read(1 << 24):
-                    self.stream["tokens"].update(block)
+            for array in self.per_token:
+                with open(self.out / self._name(array, i), "rb") as f:
+                    while block := f.read(1 << 24):
+                        self.stream[array].update(block)
             offsets = np.load(self.out / self._name("docs", i))
             self.stream["lengths"].update(np.diff(offsets).astype(np.int64).tobytes())
 
-    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, mask: np.ndarray | None = None) -> None:
         if not len(lengths):
             return
-        if self.file is None:
+        assert (mask is not None) == ("mask" in self.arrays), "a mask for masked data only"
+        if not self.files:
             self.out.mkdir(parents=True, exist_ok=True)
-            self.file = open(self._tmp("tokens"), "wb")  # noqa: SIM115 - closed in cut()
-            self.hash = hashlib.sha256()
-        data = tokens.tobytes()
-        self.file.write(data)
-        self.hash.update(data)
-        self.stream["tokens"].update(data)
+            for array in self.per_token:
+                self.files[array] = open(self._tmp(array), "wb")  # noqa: SIM115 - closed in cut()
+                self.hashes[array] = hashlib.sha256()
+        for array, values in (("tokens", tokens), ("mask", mask)):
+            if values is None:
+                continue
+            data = values.tobytes()
+            self.files[array].write(data)
+            self.hashes[array].update(data)
+            self.stream[array].update(data)
         self.stream["lengths"].update(lengths.tobytes())
         self.lengths.append(lengths)
 
@@ -194,16 +209,18 @@ class ShardWriter:
 
     @property
     def nbytes(self) -> int:
-        return self.file.tell() if self.file is not None else 0
+        return self.files["tokens"].tell() if self.files else 0
 
     def cut(self, fault: Callable[[int], None] | None = None) -> None:
-        """Close the shard: fsync, write its offsets, rename both (fault: tests only)."""
-        if self.file is None:
+        """Close the shard: fsync, write its offsets, rename all (fault: tests only)."""
+        if not self.files:
             return
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        n_tokens = self.file.tell() // np.dtype(self.arrays["tokens"]["dtype"]).itemsize
-        self.file.close()
+        for f in self.files.values():
+            f.flush()
+            os.fsync(f.fileno())
+        n_tokens = self.files["tokens"].tell() // np.dtype(self.arrays["tokens"]["dtype"]).itemsize
+        for f in self.files.values():
+            f.close()
         lengths = np.concatenate(self.lengths)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         with open(self._tmp("docs"), "wb") as f:
@@ -213,14 +230,19 @@ class ShardWriter:
         if fault is not None:
             fault(len(self.shards) + 1)
         files = {}
-        for array in ("tokens", "docs"):
+        for array in self.arrays:
             final = self.out / self._name(array, len(self.shards))
             os.replace(self._tmp(array), final)
-            files[array] = {"name": final.name, "bytes": final.stat().st_size,
-                            "sha256": self.hash.hexdigest() if array == "tokens"
-                            else sha256_file(final)}  # fmt: skip
+            sha = self.hashes[array].hexdigest() if array in self.hashes else sha256_file(final)
+            files[array] = {"name": final.name, "bytes": final.stat().st_size, "sha256": sha}
         self.shards.append({"tokens": int(n_tokens), "documents": len(lengths), "files": files})
-        self.file, self.hash, self.lengths = None, None, []
+        self.files, self.hashes, self.lengths = {}, {}, []
+
+    def close(self) -> None:
+        """Drop the shard being written (prepare failed on a bad example)."""
+        for f in self.files.values():
+            f.close()
+        self.files, self.hashes, self.lengths = {}, {}, []
 
     def summary(self) -> dict:
         return {"tokens": sum(s["tokens"] for s in self.shards),

@@ -3,7 +3,10 @@
 Nothing here collects the corpus: text files are read one at a time, jsonl/json/parquet files and
 hub datasets through `datasets` with `streaming=True` (a local `save_to_disk` folder is memory-
 mapped Arrow), so peak memory does not grow with the corpus. A document is one non-empty text:
-a whole file for stdlib and .txt, one row's `data.text_field` otherwise.
+a whole file for stdlib and .txt, one row's `data.text_field` otherwise. Fine-tuning formats
+(data.format=prompt_completion|chat) yield examples instead: one dict of the format's columns per
+row, every row (bad ones are prepare's errors, by index); data=stdlib_sft yields the stdlib's
+function/docstring pairs (gradcycle/data/sft.py).
 """
 
 from __future__ import annotations
@@ -85,28 +88,54 @@ class Source:
     text_field: str
     split: str
     max_documents: int | None
-    builder: str | None  # "text" (a file per document), "json", "parquet", or None (hub)
+    builder: str | None  # "text" (a file per document), "json", "parquet", "stdlib_sft", None (hub)
     files: tuple[str, ...]
+    format: str = "text"  # text: documents are strings; else examples (dicts of `fields`)
+    fields: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, data_cfg) -> Source:
+        from gradcycle.data.sft import fields
+
         field, builder, files = data_cfg.text_field, None, []
         if data_cfg.name == "stdlib":
             builder, files, field = "text", stdlib_files(), "text"
+        elif data_cfg.name == "stdlib_sft":
+            builder, files = "stdlib_sft", stdlib_files()
         elif data_cfg.name == "files":
             builder, files = data_files(data_cfg.path)
+        sft = data_cfg.format != "text"
         return cls(data_cfg.name, data_cfg.path, field, data_cfg.split, data_cfg.max_documents,
-                   builder, tuple(files))  # fmt: skip
+                   builder, tuple(files), data_cfg.format, fields(data_cfg) if sft else ())  # fmt: skip
 
     def describe(self) -> dict:
-        return {"name": self.name, "path": self.path, "text_field": self.text_field,
-                "split": self.split, "max_documents": self.max_documents}  # fmt: skip
+        out = {"name": self.name, "path": self.path, "text_field": self.text_field,
+               "split": self.split, "max_documents": self.max_documents}  # fmt: skip
+        if self.format != "text":  # text keeps its descriptions (and cache keys) of before
+            out.update(format=self.format, fields=list(self.fields))
+        return out
+
+    def tokenizer_corpus(self) -> Source:
+        """What a local BPE is trained on: data=stdlib_sft shares data=stdlib's (and its cache)."""
+        if self.name != "stdlib_sft":
+            return self
+        return Source("stdlib", None, "text", self.split, None, "text", self.files)
+
+    def texts(self) -> Iterator[str]:
+        """Documents as text (examples: their strings joined), for training the local BPE."""
+        if self.format == "text":
+            yield from self.documents()
+            return
+        from gradcycle.data.sft import training_text
+
+        for example in self.documents():
+            yield training_text(example, self.fields)
 
     @functools.cached_property
     def fingerprint(self) -> str:
         """Changes when the documents may have: files by (path, size, mtime); a hub id by name."""
         key: dict = {**self.describe()}
-        if self.name == "stdlib":  # the same Python minor version ships the same sources
+        if self.name in ("stdlib", "stdlib_sft"):  # one Python minor version, one set of sources
             root = sysconfig.get_paths()["stdlib"]
             key["python"] = list(sys.version_info[:2])
             key["files"] = [(os.path.relpath(f, root), os.path.getsize(f)) for f in self.files]
@@ -122,11 +151,12 @@ class Source:
         """For the progress bar: the size of the files read (None for a hub stream)."""
         return sum(os.path.getsize(f) for f in self.files) if self.files else None
 
-    def documents(self, skip: int = 0) -> Iterator[str]:
-        """Non-empty documents in order, data.max_documents applied, the first `skip` dropped."""
-        n = 0
+    def documents(self, skip: int = 0) -> Iterator:
+        """Non-empty documents (or every example) in order, data.max_documents applied, the first
+        `skip` dropped."""
+        n, sft = 0, self.format != "text"
         for text in self._texts():
-            if not (isinstance(text, str) and text.strip()):
+            if not sft and not (isinstance(text, str) and text.strip()):
                 continue
             if self.max_documents is not None and n >= self.max_documents:
                 return
@@ -139,24 +169,38 @@ class Source:
             for f in self.files:
                 yield _read_utf8(f)
             return
+        if self.builder == "stdlib_sft":
+            from gradcycle.data.sft import stdlib_examples
+
+            yield from stdlib_examples(self.files, *self.fields)
+            return
+        wanted = self.fields or (self.text_field,)
         try:
             dataset = self._open()
             columns = dataset.column_names  # None for a stream whose features are unknown
-            if columns is not None and self.text_field not in columns:
-                raise self._no_field(columns)
             for batch in dataset.iter(batch_size=_ROWS_PER_READ):
-                if self.text_field not in batch:
-                    raise self._no_field(list(batch))
-                yield from batch[self.text_field]
+                missing = [f for f in wanted if f not in (columns or batch)]
+                if missing:
+                    raise self._no_field(missing[0], list(columns or batch))
+                if not self.fields:
+                    yield from batch[self.text_field]
+                    continue
+                rows = len(batch[wanted[0]])
+                for i in range(rows):  # the example's columns, plus the others for messages
+                    yield {k: v[i] for k, v in batch.items()}
         except ValueError:
             raise
         except Exception as e:  # datasets raises anything for a file it cannot parse
             raise ValueError(f"data.path={self.path!r} could not be read: {e}") from e
 
-    def _no_field(self, columns: list[str]) -> ValueError:
+    def _no_field(self, name: str, columns: list[str]) -> ValueError:
+        key = {"text": "text_field", "prompt_completion": "prompt_field"}.get(self.format)
+        if self.format == "prompt_completion" and name != self.fields[0]:
+            key = "completion_field"
+        key = key or "messages_field"
         return ValueError(
-            f"data.text_field={self.text_field!r} is not a column of {self.path!r}: "
-            f"set data.text_field to one of {columns}"
+            f"data.{key}={name!r} is not a column of {self.path!r}: "
+            f"set data.{key} to one of {columns}"
         )
 
     def _open(self):

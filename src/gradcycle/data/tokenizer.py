@@ -95,10 +95,11 @@ def source_tokenizer(cfg, source, cache: Path) -> tuple[object, str]:
     if found is not None:
         return found
     name = f"bpe{cfg.data.vocab_size}"
-    out = cache / "tokenizers" / f"{name}-{source.fingerprint}"
+    corpus = source.tokenizer_corpus()  # data=stdlib_sft: data=stdlib's, shared in the cache
+    out = cache / "tokenizers" / f"{name}-{corpus.fingerprint}"
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
         if not (out / "tokenizer.json").is_file():
-            train_tokenizer(source.documents(), cfg.data.vocab_size, out)
+            train_tokenizer(corpus.texts(), cfg.data.vocab_size, out)
         # Loaded back even when just trained: the hash is that of what every later run loads.
         return load_tokenizer(str(out)), name
