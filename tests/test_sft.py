@@ -371,3 +371,20 @@ def test_overlong_prompts_are_skipped_and_counted(tmp_path, capsys):
     assert m["sft"]["skipped_overlong"] == {"train": 1, "val": 0}
     assert m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"] == len(rows) - 1
     assert "skipped 1 examples whose prompt alone fills data.seq_len" in capsys.readouterr().err
+
+
+def test_chat_prepare_is_byte_identical_for_one_and_two_processes(tmp_path, monkeypatch):
+    """The mask travels through the process pool like the tokens: small tokenising tasks, so
+    two processes really take turns, and the output equals the one-process output byte for byte."""
+    from gradcycle.data import prepare
+
+    monkeypatch.setattr(prepare, "BATCH_CHARS", 2000)  # ~10 tasks for the 240 conversations
+    outputs = {}
+    for n in (1, 2):
+        out = tmp_path / f"np{n}"
+        assert prepare.main([*TINY, *CHAT, f"prepare.out={out}", f"prepare.num_proc={n}"]) == 0
+        outputs[n] = {p.name: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert outputs[1] == outputs[2]
+    manifest = json.loads(outputs[1]["manifest.json"])
+    assert "mask" in manifest["splits"]["train"]["shards"][0]["files"]
+    assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 240
