@@ -8,6 +8,8 @@ paragraph; the caller exits with EXIT_USAGE.
 from __future__ import annotations
 
 import re
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from gradcycle.config import register_configs
@@ -55,3 +57,23 @@ def user_error(exc: BaseException) -> str | None:
             msg += f" ({str(cause).splitlines()[0]})"
         return msg + " - see conf/ for the valid groups and keys"
     return None
+
+
+def tool_main(prog: str, doc: str, argv: list[str] | None, run: Callable, report: Callable) -> int:
+    """The command line of a tool (`python -m gradcycle.prepare|plan`): `--help` prints `doc`;
+    otherwise `report(run(cfg))` on the composed overrides. A user error inside `run` is one line
+    `prog: error: ...` on stderr and EXIT_USAGE; anything else propagates."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(doc)
+        return 0
+    try:
+        result = run(compose(argv))
+    except Exception as e:
+        message = user_error(e)
+        if message is None:
+            raise
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    report(result)
+    return 0

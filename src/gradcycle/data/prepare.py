@@ -341,34 +341,31 @@ def prepare_config(cfg, out: Path | None = None, progress: bool = True) -> tuple
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gradcycle.compose import EXIT_USAGE, compose, user_error
+    from gradcycle.compose import tool_main
+
+    return tool_main("gradcycle.prepare", __doc__, argv, _prepare_cli, _report)
+
+
+def _prepare_cli(cfg) -> tuple[dict, Path]:
     from gradcycle.config import validate
 
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    try:
-        cfg = compose(argv)
-        validate(cfg)
-        if not cfg.prepare.out:
-            raise ValueError("prepare.out=<dir> is required: the directory the shards go to")
-        if cfg.data.name == "tokens":
-            raise ValueError("data=tokens is prepared already: pick the source group to prepare "
-                             "(data=stdlib|files|hub)")  # fmt: skip
-        manifest, out = prepare_config(cfg, Path(cfg.prepare.out))
-    except Exception as e:
-        message = user_error(e)
-        if message is None:
-            raise
-        print(f"gradcycle.prepare: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
+    validate(cfg)
+    if not cfg.prepare.out:
+        raise ValueError("prepare.out=<dir> is required: the directory the shards go to")
+    if cfg.data.name == "tokens":
+        raise ValueError("data=tokens is prepared already: pick the source group to prepare "
+                         "(data=stdlib|files|hub)")  # fmt: skip
+    return prepare_config(cfg, Path(cfg.prepare.out))
+
+
+def _report(result: tuple[dict, Path]) -> None:
+    manifest, out = result
     train, val = manifest["splits"]["train"], manifest["splits"]["val"]
     print(f"prepared {out}: {train['documents']} + {val['documents']} documents (train + val), "
           f"{train['tokens']} + {val['tokens']} tokens, {len(train['shards'])} + "
           f"{len(val['shards'])} shards, {manifest['dtype']}, fingerprint "
-          f"{manifest['fingerprint']}{_skipped_note(manifest)}\ntrain on it: python train.py data=tokens data.path={out}")  # fmt: skip
-    return 0
+          f"{manifest['fingerprint']}{_skipped_note(manifest)}\n"
+          f"train on it: python train.py data=tokens data.path={out}")  # fmt: skip
 
 
 def _skipped_note(manifest: dict) -> str:

@@ -260,27 +260,22 @@ def _smallest(plan: Plan) -> Candidate:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gradcycle.compose import EXIT_USAGE, compose, user_error
+    from gradcycle.compose import tool_main
+
+    return tool_main("gradcycle.plan", __doc__, argv, _plan_cli, _report)
+
+
+def _plan_cli(cfg) -> Plan:
     from gradcycle.config import validate
+
+    validate(cfg, this_machine=False)  # the target's GPUs, not this machine's
+    return make_plan(cfg)  # its cfg has hardware=auto resolved
+
+
+def _report(plan: Plan) -> None:
     from gradcycle.planner.report import render_json, render_text
 
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    try:
-        cfg = compose(argv)
-        validate(cfg, this_machine=False)  # the target's GPUs, not this machine's
-        plan = make_plan(cfg)
-        cfg = plan.cfg  # hardware=auto resolved
-    except Exception as e:
-        message = user_error(e)
-        if message is None:
-            raise
-        print(f"gradcycle.plan: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
-    print(json.dumps(render_json(plan)) if cfg.plan.format == "json" else render_text(plan))
-    return 0
+    print(json.dumps(render_json(plan)) if plan.cfg.plan.format == "json" else render_text(plan))
 
 
 if __name__ == "__main__":
