@@ -55,7 +55,7 @@ def test_auto_on_cpu_is_the_nominal_cpu_profile_and_the_planner_wants_a_target()
     assert cfg.hardware.name == "cpu" and cfg.hardware.bf16_tflops == 1.0
     with pytest.raises(ValueError, match="hardware=auto.*hardware=a100-40gb"):
         hardware.resolve(compose(TINY), "cpu", for_planner=True)
-    explicit = compose([*TINY, "hardware=h200"])
+    explicit = compose([*TINY, "hardware=h200", "precision=bf16"])
     assert hardware.resolve(explicit, "cuda") is explicit  # a named profile is never replaced
 
 
