@@ -184,6 +184,10 @@ TWO_RANK_CASES = [
     case("h128-L4", "zero1", 4, 2),
     case("h128-L4", "zero2", 4, 2),
     case("h128-L4", "zero2", 4, 2, extra=["backend.sync=per_cycle"]),
+    # backend.reduce_dtype: fp32 (default) casts each bucket for the all-reduce, bf16 does not
+    case("h128-L4", "zero2", 4, 2, precision="bf16"),
+    case("h128-L4", "zero2", 4, 2, precision="bf16", extra=["backend.reduce_dtype=bf16"]),
+    case("h128-L4", "ddp", 4, 2, precision="bf16", extra=["backend.reduce_dtype=bf16"]),
 ]
 
 

@@ -175,7 +175,9 @@ class DeepSpeedBackend(Backend):
         if self.sync == "per_micro":
             when = "after every micro-batch's backward"
         op = "reduce-scatter" if self.stage == 3 else "all-reduce"
-        rows = [(f"gradient {op} (per bucket)", f"{n}x per cycle, {when}")]
+        comm = self.ds_config["communication_data_type"]
+        rows = [(f"gradient {op} (per bucket)", f"{n}x per cycle, {when}, in {comm} "
+                 "(backend.reduce_dtype: communication_data_type)")]  # fmt: skip
         if self.stage < 3:
             rows.append(("updated-parameter all-gather", "1x per cycle, after the step"))
         else:

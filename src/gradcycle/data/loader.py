@@ -71,16 +71,18 @@ class HostBatch:
               through the pipe instead of a shared-memory handshake per tensor
     targets   its target count: labels after the first position that are not -100
     seq_lens  under document masking, the document lengths of the rows flattened (varlen)
+    tokens    its input tokens (padding excluded): what the model computes on, for tokens/s and MFU
     """
 
-    __slots__ = ("rows", "targets", "seq_lens")
+    __slots__ = ("rows", "targets", "seq_lens", "tokens")
 
-    def __init__(self, rows, targets: int, seq_lens=None):
+    def __init__(self, rows, targets: int, seq_lens=None, tokens: int = 0):
         self.rows, self.targets, self.seq_lens = rows, targets, seq_lens
+        self.tokens = tokens
 
     def pin_memory(self) -> HostBatch:  # called by DataLoader's pin-memory thread (CUDA)
         pin = lambda a: None if a is None else torch.as_tensor(a).pin_memory()  # noqa: E731
-        return HostBatch(pin(self.rows), self.targets, pin(self.seq_lens))
+        return HostBatch(pin(self.rows), self.targets, pin(self.seq_lens), self.tokens)
 
 
 def collate(samples: list, pad_id: int, document_mask: bool = False) -> HostBatch:
@@ -102,7 +104,7 @@ def collate(samples: list, pad_id: int, document_mask: bool = False) -> HostBatc
         rows[1, row, :n] = labels
     targets = int((rows[1, :, 1:] != IGNORE_INDEX).sum())
     seq_lens = varlen_lengths(rows[2]).astype(np.int32) if document_mask else None
-    return HostBatch(rows, targets, seq_lens)
+    return HostBatch(rows, targets, seq_lens, tokens=sum(len(sample[0]) for sample in samples))
 
 
 def _worker_context():
@@ -149,6 +151,7 @@ class Cycle:
     micro: list[dict]  # K micro-batches on the device, ready for backend.forward_backward
     targets: int  # target tokens of the K micro-batches (this rank), counted on the host
     wait_s: float  # how long the loop waited for them
+    tokens: int = 0  # input tokens of the K micro-batches (this rank, padding excluded), host-side
 
 
 def to_device(host: HostBatch, device: torch.device, attn_implementation: str | None = "sdpa",
@@ -190,7 +193,8 @@ class CycleLoader:
         host = [next(self._it) for _ in range(self.batches.k)]
         micro = [self.to_device(h) for h in host]
         self.next_step += 1
-        return Cycle(micro, sum(h.targets for h in host), time.perf_counter() - t0)
+        return Cycle(micro, sum(h.targets for h in host), time.perf_counter() - t0,
+                     sum(h.tokens for h in host))  # fmt: skip
 
     def close(self) -> None:
         self._it = None  # the iterator's finaliser stops the workers

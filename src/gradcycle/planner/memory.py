@@ -37,6 +37,7 @@ from gradcycle.planner.loss import loss_bytes
 from gradcycle.planner.zero import ZeroSettings
 
 GIB = 2**30
+DDP_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
 
 
 @dataclass(frozen=True)
@@ -107,13 +108,15 @@ class Numerics:
 
 def numerics(backend: str, precision: str, reduce_dtype: str = "fp32") -> Numerics:
     half = precision in ("bf16", "fp16")
+    # backend.reduce_dtype on every backend: fp32, or the 16-bit training dtype
+    reduce = 2 if half and reduce_dtype != "fp32" else 4
     if backend == "ddp":  # fp32 parameters; autocast computes in 16 bits
-        return Numerics(4, 2 if half else 4, 4, half, 4, 4)
+        return Numerics(4, 2 if half else 4, 4, half, 4, reduce)
     if backend in ("fsdp", "hsdp"):  # fp32 shards; MixedPrecisionPolicy gathers 16-bit units
         c = 2 if half else 4
-        return Numerics(4, c, c, False, 4, 4 if reduce_dtype == "fp32" else 2)
+        return Numerics(4, c, c, False, 4, reduce)
     p = 2 if half else 4  # DeepSpeed: the module itself is cast (fp32 masters: zero.py)
-    return Numerics(p, p, p, False, p, p)
+    return Numerics(p, p, p, False, p, reduce)
 
 
 @dataclass(frozen=True)
@@ -259,6 +262,8 @@ def temporaries(setup: Setup) -> dict[str, float]:
     if setup.backend == "ddp":
         if setup.world > 1:
             out["static"] = psi * n.grad  # reducer buckets (gradient_as_bucket_view=False)
+            if n.reduce < n.grad:  # the 16-bit copy of a bucket being all-reduced (comm hook)
+                out["end"] = min(psi * n.grad, DDP_BUCKET_BYTES) * n.reduce / n.grad
         if n.autocast:
             # autocast caches a bf16 copy of every matmul weight for the forward; autograd keeps
             # those of layers that are not recomputed until their backward

@@ -60,7 +60,8 @@ def render_json(plan: Plan) -> dict:
     out.update(
         budget_bytes_per_gpu=int(plan.budget),
         hardware=cfg.hardware.name, world=plan.world, nodes=plan.nodes,
-        backend=cfg.backend.name, precision=cfg.precision, seq_len=cfg.data.seq_len,
+        backend=cfg.backend.name, precision=cfg.precision, reduce_dtype=cfg.backend.reduce_dtype,
+        seq_len=cfg.data.seq_len,
         global_batch_size=cfg.train.global_batch_size,
         model={"name": cfg.model.name, "params": s.n_params, "layers": s.layers,
                "hidden": s.hidden, "vocab": s.vocab},
@@ -88,7 +89,7 @@ def render_text(plan: Plan) -> str:
         f"layers, hidden {s.hidden}, vocab {s.vocab}), seq {cfg.data.seq_len}, {cfg.precision}",
         f"hardware: {plan.nodes} node(s) x {gpn} {cfg.hardware.name} = {plan.world} GPUs, "
         f"{cfg.hardware.memory_gb:.1f} GiB each, {plan.budget / GIB:.1f} GiB usable; "
-        f"backend={cfg.backend.name}",
+        f"backend={cfg.backend.name}, gradients reduced in {cfg.backend.reduce_dtype}",
     ]
     if tokens:
         lines.append(f"global batch: {cfg.train.global_batch_size} samples = {tokens:,} tokens "
