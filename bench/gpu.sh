@@ -51,7 +51,10 @@ LOG="$OUT/gpu.log"
 rm -f "$OUT/gpu_table.md" "$OUT/gpu_memory.json"
 say() { echo "$*" | tee -a "$LOG"; }
 
-export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"  # this tree's gradcycle, not an installed one
+# This tree's gradcycle, not an installed one; then what gpu_env.py installs where the
+# interpreter's site-packages is read-only.
+export GRADCYCLE_GPU_SITE="$WORK/site"
+export PYTHONPATH="$ROOT/src:$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 export RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 LOCAL_WORLD_SIZE=1 MASTER_ADDR=127.0.0.1
 export TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled PYTHONUNBUFFERED=1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HOME="$WORK/hf"  # no network there: never wait on one

@@ -15,6 +15,9 @@ exists (`bash bench/gpu_prep.sh` writes bench/gpu_wheels/, which travels with th
   installed yet plus `torch==<the installed version>`: pip can neither replace torch nor downgrade
   a package the machine brings. torch's version and location are read before and after, and a
   change is an error;
+- where the interpreter's site-packages is not writable (or GRADCYCLE_GPU_TARGET=1), the wheels
+  of every distribution not installed go with --no-deps into GRADCYCLE_GPU_SITE (default
+  $TMPDIR/gradcycle-gpu/site), which follows src/ on PYTHONPATH; torch is never among them;
 - afterwards `import gradcycle, deepspeed, transformers, hydra` (and the rest) must work, else
   exit 1 with each import's error.
 
@@ -35,6 +38,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WHEELS = ROOT / "bench" / "gpu_wheels"
+SITE = Path(
+    os.environ.get("GRADCYCLE_GPU_SITE") or Path(tempfile.gettempdir(), "gradcycle-gpu", "site")
+)
 # (module, distribution): what the benchmark runs import (data=stdlib, no wandb or tensorboard,
 # so datasets/wandb/tensorboard stay out: they would add ~60 MB of wheels to carry).
 NEEDED = (
@@ -57,9 +63,10 @@ CHECKED = ("gradcycle.trainer", "deepspeed", "transformers", "hydra")
 # Run in a fresh interpreter: which modules import (and why not), torch's identity, and the
 # installed distributions (so constraints never pin what the machine already has).
 PROBE = r"""
-import importlib, importlib.metadata as md, json, sys
+import importlib, importlib.metadata as md, json, os, sys, sysconfig
 out = {"errors": {}, "versions": {}, "dists": sorted({(d.metadata["Name"] or "").lower()
-       for d in md.distributions()})}
+       for d in md.distributions()}),
+       "writable": os.access(sysconfig.get_paths()["purelib"], os.W_OK)}
 for name in sys.argv[1:]:
     try:
         mod = importlib.import_module(name)
@@ -81,11 +88,12 @@ def norm(dist: str) -> str:
 
 
 def child_env() -> dict:
-    """This tree's src first on PYTHONPATH: the probes, pip and the runs see the same gradcycle."""
+    """This tree's src first on PYTHONPATH, then SITE: the probes, pip and the runs see the same
+    gradcycle and the same installed wheels."""
     env = dict(os.environ)
-    src = str(ROOT / "src")
-    parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != src]
-    env["PYTHONPATH"] = os.pathsep.join([src, *parts])
+    first = [str(ROOT / "src"), str(SITE)]
+    parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in first]
+    env["PYTHONPATH"] = os.pathsep.join([*first, *parts])
     return env
 
 
@@ -120,6 +128,15 @@ def install_plan(state: dict) -> tuple[list[str], list[str]]:
     lines = [f"torch=={torch_version}"]  # the machine's own torch and no other
     lines += [spec for name, spec in pinned.items() if name != "torch" and name not in installed]
     return reqs, lines
+
+
+def target_plan(state: dict, wheels: Path) -> list[str]:
+    """Without a writable site-packages: every distribution in the wheel folder that is not
+    installed (the folder holds the closure of what may be missing, no torch), pinned."""
+    pinned, installed = pins(), {norm(d) for d in state["dists"]}
+    names = {norm(w.name.split("-")[0]): w.name.split("-")[1] for w in wheels.glob("*.whl")}
+    return [pinned.get(n, f"{n}=={v}") for n, v in sorted(names.items())
+            if n not in installed and n != "torch"]  # fmt: skip
 
 
 def pip_env() -> dict:
@@ -158,7 +175,12 @@ def ensure(wheels: Path = WHEELS) -> dict:
         with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
             f.write("\n".join(constraints) + "\n")
         pip = shlex.split(os.environ.get("GRADCYCLE_PIP", "")) or [sys.executable, "-m", "pip"]
-        cmd = [*pip, "install", "--no-index", "--find-links", str(wheels), "-c", f.name, *reqs]
+        cmd = [*pip, "install", "--no-index", "--find-links", str(wheels), "-c", f.name]
+        if state["writable"] and os.environ.get("GRADCYCLE_GPU_TARGET") != "1":
+            cmd += reqs
+        else:  # --target ignores what is installed: no resolver, the folder's closure instead
+            reqs = target_plan(state, wheels)
+            cmd += ["--no-deps", "--target", str(SITE), *reqs]
         print(f"gpu_env: installing {' '.join(reqs)} from {wheels} ({len(found)} wheels)",
               flush=True)  # fmt: skip
         rc = subprocess.run(cmd, env=pip_env()).returncode
@@ -173,6 +195,9 @@ def ensure(wheels: Path = WHEELS) -> dict:
     if bad:
         raise SystemExit("gpu_env: still missing after the install:\n" +
                          "\n".join(f"  import {m}: {e}" for m, e in bad.items()))  # fmt: skip
+    os.environ["PYTHONPATH"] = child_env()["PYTHONPATH"]  # for this process's children
+    if str(SITE) not in sys.path:
+        sys.path.insert(1, str(SITE))  # and itself (gpu_memory.py imports after this)
     shown = ", ".join(f"{m} {state['versions'].get(m, '')}".strip() for m in CHECKED)
     print(f"gpu_env: imports ok: {shown}; torch {state['torch'][0]} unchanged", flush=True)
     return state

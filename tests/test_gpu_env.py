@@ -115,6 +115,18 @@ def test_install_plan_pins_what_is_missing_and_keeps_torch():
     assert not [c for c in constraints if c.split("==")[0].lower() in ("numpy", "transformers")]
 
 
+def test_target_plan_without_writable_site_packages(tmp_path):
+    """--target ignores what is installed, so the plan is the folder minus what is installed:
+    each distribution once (a cp311 and a cp312 wheel), pinned, never torch."""
+    for name in ("pydantic_core-2.50.5-cp311-cp311-manylinux2014_x86_64.whl",
+                 "pydantic_core-2.50.5-cp312-cp312-manylinux2014_x86_64.whl",
+                 "deepspeed-0.19.8-py3-none-any.whl", "numpy-2.4.6-cp312-cp312-linux_x86_64.whl",
+                 "torch-2.13.0-cp312-cp312-linux_x86_64.whl"):  # fmt: skip
+        (tmp_path / name).write_text("")
+    state = {"dists": ["numpy", "torch"], "errors": {}, "torch": ["2.11.0", "/x"]}
+    assert gpu_env.target_plan(state, tmp_path) == ["deepspeed==0.19.8", "pydantic_core==2.50.5"]
+
+
 def test_gpu_table_rows_and_table(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
