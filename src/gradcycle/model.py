@@ -39,7 +39,12 @@ def architecture_config(model_cfg, vocab_size: int | None = None):
     initialise at random, with model.vocab_size (if set) replacing its vocabulary size."""
     from transformers import AutoConfig
 
+    from gradcycle.data.checks import _looks_local
+
     source = Path(model_cfg.config).expanduser()
+    if _looks_local(model_cfg.config) and not source.exists():
+        raise ValueError(f"model.config={model_cfg.config}: no such file or directory; give a "
+                         "folder holding config.json, the file itself, or a hub id")  # fmt: skip
     if not source.exists():
         source = model_cfg.config  # a hub id: transformers fetches config.json (once, cached)
     try:
@@ -165,7 +170,8 @@ def build_model(model_cfg, vocab_size: int, device: str | torch.device = "cpu",
             model = _from_config(config, model_cfg, dtype)
         if str(device) == "meta":
             return model
-        model.to_empty(device=device)  # tied weights stay one parameter
+        model.to_empty(device=device)
+        model.tie_weights()  # to_empty gives each module its own tensor: one parameter again
         init.init_parameters(model, seed)
         init.recompute_buffers(model)
         return model
