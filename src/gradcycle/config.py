@@ -20,6 +20,9 @@ class ModelConfig:
     name: str = "tiny"
     pretrained: str | None = None  # local path or hub id for from_pretrained
     pretrained_required: bool = False  # fine-tuning presets: refuse to start without pretrained
+    # random init of another architecture: a folder with config.json, the file, or a hub id (the
+    # Llama fields below are then unused; vocab_size, if set, replaces the config's)
+    config: str | None = None
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
@@ -316,7 +319,11 @@ def validate(cfg: Any, this_machine: bool = True) -> None:
     check_config(cfg)  # data.* and prepare.* (gradcycle/data/checks.py)
 
     m = cfg.model
-    if m.pretrained is None:
+    if m.config is not None:
+        from gradcycle.model import check_architecture
+
+        check_architecture(cfg)  # readable, a causal LM, every parameter drawable shard by shard
+    elif m.pretrained is None:
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
             _positive(f"model.{name}", getattr(m, name))
         if m.hidden_size % m.num_heads:

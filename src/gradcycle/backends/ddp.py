@@ -45,7 +45,7 @@ class DDPBackend(TorchBackend):
 
     def __init__(self, cfg, make_model, device: torch.device, world: int):
         self.sync = "per_micro" if cfg.backend.sync == "per_micro" else "per_cycle"
-        module = make_model("cpu").to(device)
+        module = make_model(device)  # built on meta, allocated and drawn on the device itself
         model = module
         if world > 1:
             model = DDP(

@@ -103,8 +103,9 @@ class DeepSpeedBackend(Backend):
 
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
         try:
-            module = make_model("cpu", dtype=dtype)
-            module = module if self.stage == 3 else module.to(device)
+            # zero1/2: allocated and drawn on the device (the engine's own .to() is then a no-op);
+            # zero3: zero.Init places the partitions.
+            module = make_model("cpu" if self.stage == 3 else device, dtype=dtype)
             self.module = module
             self.optimizer = build_optimizer(module.parameters(), cfg.optim, cfg.optim.lr)
             self.engine, *_ = deepspeed.initialize(

@@ -27,7 +27,8 @@ def check_config(cfg) -> None:
     _one_of("data.name", data.name, NAMES)
     if data.seq_len < 2:
         raise ValueError(f"data.seq_len={data.seq_len} must be >= 2 (a token and its target)")
-    if cfg.model.pretrained is None and data.seq_len > cfg.model.max_position_embeddings:
+    llama = cfg.model.pretrained is None and cfg.model.config is None  # else: check_architecture
+    if llama and data.seq_len > cfg.model.max_position_embeddings:
         raise ValueError(
             f"data.seq_len={data.seq_len} exceeds model.max_position_embeddings="
             f"{cfg.model.max_position_embeddings}: lower data.seq_len or raise the model's limit"

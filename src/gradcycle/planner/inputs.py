@@ -20,7 +20,7 @@ class UnknownShape(ValueError):
 
 def shape_from_config(cfg, vocab: int | None = None) -> Shape:
     m = cfg.model
-    if m.pretrained:
+    if m.pretrained or m.config:
         return _pretrained_shape(m)
     vocab = m.vocab_size or vocab or (None if cfg.data.tokenizer else cfg.data.vocab_size)
     if vocab is None:
@@ -37,13 +37,17 @@ def _pretrained_shape(m) -> Shape:
     try:
         from transformers import AutoConfig
 
-        hf = AutoConfig.from_pretrained(m.pretrained, local_files_only=True,
+        hf = AutoConfig.from_pretrained(m.pretrained or m.config, local_files_only=True,
                                         trust_remote_code=m.trust_remote_code)  # fmt: skip
-        return Shape(hf.vocab_size, hf.hidden_size, hf.num_hidden_layers, hf.num_attention_heads,
+        return Shape(m.vocab_size or hf.vocab_size, hf.hidden_size, hf.num_hidden_layers,
+                     hf.num_attention_heads,
                      getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
                      hf.intermediate_size, bool(getattr(hf, "tie_word_embeddings", False)))  # fmt: skip
     except Exception as e:  # not local, or not Llama-shaped: the planner cannot size it
-        raise UnknownShape(f"model.pretrained={m.pretrained!r}: cannot read a Llama-style "
+        field = (
+            f"model.pretrained={m.pretrained!r}" if m.pretrained else f"model.config={m.config!r}"
+        )
+        raise UnknownShape(f"{field}: cannot read a Llama-style "
                            f"config locally ({type(e).__name__}: {e})") from None  # fmt: skip
 
 
