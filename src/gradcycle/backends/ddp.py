@@ -4,6 +4,11 @@ Accumulation boundary: every non-last micro-batch runs forward AND backward insi
 the bucketed all-reduce runs once per cycle. `no_sync` around backward alone saves nothing: DDP
 prepares the reducer in forward. This costs no memory (DDP's gradient buckets exist anyway), so it
 is also what `sync=auto` picks.
+
+Gradients are views into DDP's buckets (`gradient_as_bucket_view=True`) from the start and are
+zeroed, not freed, after each step: one fp32 gradient per parameter, never a second copy beside
+the buckets, and no copy between them. The C++ reducer calls no Python per bucket; the step's
+all-reduces are recorded from the bucket layout after each synchronising backward (`Buckets`).
 """
 
 from __future__ import annotations
@@ -11,7 +16,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gradcycle.backends.base import SyncPlan, TorchBackend
@@ -25,21 +29,36 @@ class DDPBackend(TorchBackend):
         module = make_model("cpu").to(device)
         model = module
         if world > 1:
+            # Gradients that exist when DDP builds its buckets become views into them at once:
+            # without this the first cycle's no_sync backwards would allocate a second gradient.
+            for p in module.parameters():
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
             model = DDP(
                 module,
                 device_ids=[device.index] if device.type == "cuda" else None,
                 # Rotary tables are recomputed identically on each rank: no per-forward broadcast.
                 broadcast_buffers=False,
+                gradient_as_bucket_view=True,
             )
-            # Same arithmetic as DDP's built-in reducer, but through torch.distributed.all_reduce
-            # in Python, where the collective counter sees it (the C++ reducer bypasses Python).
-            model.register_comm_hook(None, default_hooks.allreduce_hook)
+            # Zeroed in place after a step: freeing the views would not free the buckets.
+            self.grads_to_none = False
+            self.buckets = Buckets(model)
         super().__init__(cfg, model, module, device, world)
 
+    def _syncs(self, last: bool) -> bool:
+        return self.world > 1 and (self.sync == "per_micro" or last)
+
     def _sync_context(self, last: bool):
-        if self.world > 1 and self.sync == "per_cycle" and not last:
+        if self.world > 1 and not self._syncs(last):
             return self.model.no_sync()
         return contextlib.nullcontext()
+
+    def forward_backward(self, batch: dict, loss_fn, last: bool) -> torch.Tensor:
+        loss = super().forward_backward(batch, loss_fn, last)
+        if self._syncs(last):  # the reducer all-reduced every bucket once
+            self.comm.record("all_reduce", *self.buckets.sizes())
+        return loss
 
     def sync_plan(self, k: int) -> SyncPlan:
         n = 1 if self.sync == "per_cycle" else k
@@ -48,3 +67,26 @@ class DDPBackend(TorchBackend):
             rows=[("gradient all-reduce (all buckets)", f"{n}x per cycle")],
             extra_memory="none (DDP keeps full gradients anyway)",
         )
+
+
+class Buckets:
+    """(total bytes, all-reduce calls) of one synchronising backward: DDP's buckets, read from
+    the gradients, which are views into them (one storage per bucket). The layout changes once,
+    when DDP rebuilds its buckets in the order gradients became ready (in the forward after the
+    first synchronising backward); after that it is cached and recording costs nothing."""
+
+    def __init__(self, ddp: DDP):
+        self.ddp, self._final = ddp, None
+
+    def sizes(self) -> tuple[int, int]:
+        if self._final is not None:
+            return self._final
+        storages = {}
+        for p in self.ddp.module.parameters():
+            if p.grad is not None:
+                s = p.grad.untyped_storage()
+                storages[s.data_ptr()] = s.nbytes()
+        found = (sum(storages.values()), len(storages))
+        if getattr(self.ddp, "_has_rebuilt_buckets", False):  # torch without it: read each time
+            self._final = found
+        return found
