@@ -214,10 +214,18 @@ def _reduced_dtypes(rank: int, world: int, root: str) -> dict:
 
 def test_two_ranks_reduce_gradients_in_the_configured_dtype(tmp_path):
     """bf16 on 2 gloo ranks: every backend's gradient collectives carry fp32 by default (ZeRO-1/2/3
-    carried bf16 before, DeepSpeed's default), and bf16 when backend.reduce_dtype=bf16."""
+    carried bf16 before, DeepSpeed's default), and bf16 when backend.reduce_dtype=bf16. DDP in
+    fp32 reduces its fp32 buckets in the C++ reducer (no Python collective to see): the step
+    records them from the buckets: twice the bf16 hook's bytes."""
     got = run_on_ranks(_reduced_dtypes, 2, args=(str(tmp_path),))[0]
+    ops, record = got["ddp"]
+    assert ops == [], ops
+    sent = got["ddp bf16"][1]["comm"]["all_reduce"]  # the hook's bf16 copies, seen in Python
+    assert record["comm"]["all_reduce"]["bytes"] == 2 * sent["bytes"] > 0, (record, sent)
     for key, want in EXPECTED.items():
         ops, record = got[key]
+        if key == "ddp":
+            continue
         assert ops and {dtype for _, dtype in ops} == {want}, (key, ops)
         assert {op for op, _ in ops} == ({"reduce_scatter"} if key in ("zero3", "fsdp")
                                          else {"all_reduce"}), (key, ops)  # fmt: skip

@@ -17,7 +17,8 @@ Pure arithmetic (no torch): the planner (`gradcycle.plan`) turns a config into a
   coexist at the start of backward. `chunked` (and `liger`) hold one chunk's logits at a time (fp32,
   plus their 16-bit matmul output) and the head's gradient, computed in the loss forward; the
   hidden-state gradient it keeps replaces the head's saved input (planner/loss.py).
-- temporaries: unsharded units (FSDP2), DDP's gradient buckets, autocast's bf16 weight copies.
+- temporaries: unsharded units (FSDP2), autocast's bf16 weight copies (DDP's buckets are its
+  gradients: `gradient_as_bucket_view`, zeroed in place, held through the step).
   AdamW is torch's fused kernel (backends/base.py), which updates in place: the step adds no
   buffer. DeepSpeed's terms (gathered ZeRO-3 modules, buckets, the fp32 step gradient) are
   derived from its code in zero.py.
@@ -260,10 +261,10 @@ def temporaries(setup: Setup) -> dict[str, float]:
     s, n, psi = setup.shape, setup.num, setup.shape.n_params
     out = dict.fromkeys(("static", "forward", "loss", "layer", "end", "step", "per_cycle"), 0.0)
     if setup.backend == "ddp":
-        if setup.world > 1:
-            out["static"] = psi * n.grad  # reducer buckets (gradient_as_bucket_view=False)
-            if n.reduce < n.grad:  # the 16-bit copy of a bucket being all-reduced (comm hook)
-                out["end"] = min(psi * n.grad, DDP_BUCKET_BYTES) * n.reduce / n.grad
+        # W > 1: the reducer's buckets are the gradients (gradient_as_bucket_view=True, kept
+        # between steps), so no second copy; estimate() holds them throughout
+        if setup.world > 1 and n.reduce < n.grad:  # a bucket's 16-bit copy (comm hook)
+            out["end"] = min(psi * n.grad, DDP_BUCKET_BYTES) * n.reduce / n.grad
         if n.autocast:
             # autocast caches a bf16 copy of every matmul weight for the forward; autograd keeps
             # those of layers that are not recomputed until their backward
@@ -300,8 +301,8 @@ def estimate(setup: Setup) -> Estimate:
     # Gradients are freed by the step (set_to_none): the first micro-batch of a cycle builds them
     # while it frees activations; from the second on they are alive for the whole backward.
     grads_held = ms["gradients"] if setup.accumulation > 1 else 0.0
-    if setup.backend in ("zero2", "zero3"):
-        grads_held = ms["gradients"]  # a preallocated partition buffer
+    if setup.backend in ("zero2", "zero3") or (setup.backend == "ddp" and setup.world > 1):
+        grads_held = ms["gradients"]  # a preallocated partition buffer; DDP's buckets
     held = {"gradients": grads_held, "per_cycle extra": per_cycle}
     unsharded = "unsharded / cast parameters"
     moments = {
