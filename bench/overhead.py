@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import math
 import statistics
 import time
 
@@ -62,29 +61,12 @@ class Workload:
     def batches(self):
         return _Cycles(self)
 
-
-class _Cycles:
-    """The trainer's global batches, fetched in the loop's process (host tensors on the CPU)."""
-
-    def __init__(self, w: Workload):
-        self.w = w
-
-    def cycle(self, step: int, rank: int, world: int, micro: int) -> list[dict]:
-        import torch
-
-        from gradcycle.data.loader import GlobalOrder, MicroBatches, to_device
-
-        w = self.w
-        order = GlobalOrder(len(w.train_set), w.cfg.seed)
-        mb = MicroBatches(w.train_set, order, w.plan.global_batch_size, rank, world, micro, w.pad)
-        return [to_device(h, torch.device("cpu")) for h in mb.cycle(step)]
-
     def model(self):
         from gradcycle.distributed import seed_everything
         from gradcycle.model import build_model
 
-        seed_everything(self.cfg.seed)  # the trainer's first draw: identical initial weights
-        return build_model(self.cfg.model, self.vocab, "cpu")
+        seed_everything(self.cfg.seed)  # as the trainer does before it builds: identical weights
+        return build_model(self.cfg.model, self.vocab, "cpu", seed=self.cfg.seed)
 
     def optimizer(self, params, fused: bool | None = None):
         import torch
@@ -98,11 +80,30 @@ class _Cycles:
         return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
 
     def lr(self, step: int) -> float:
-        p, o, n = self.plan, self.cfg.optim, self.cfg.train.max_steps
-        if step < p.warmup_steps:
-            return p.lr * (step + 1) / p.warmup_steps
-        t = min(1.0, (step - p.warmup_steps) / max(1, n - p.warmup_steps))
-        return p.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+        from gradcycle.batching import lr_at
+
+        o = self.cfg.optim
+        return lr_at(step, self.plan, o.schedule, self.cfg.train.max_steps, o.min_lr_ratio)
+
+
+class _Cycles:
+    """The trainer's global batches, fetched in the loop's process (host tensors on the CPU)."""
+
+    def __init__(self, w: Workload):
+        self.w, self._batches = w, None
+
+    def cycle(self, step: int, rank: int, world: int, micro: int) -> list[dict]:
+        import torch
+
+        from gradcycle.data.loader import GlobalOrder, MicroBatches, to_device
+
+        w = self.w
+        if self._batches is None:  # one sampler per run, as the trainer's loader holds one
+            order = GlobalOrder(len(w.train_set), w.cfg.seed)
+            self._batches = MicroBatches(
+                w.train_set, order, w.plan.global_batch_size, rank, world, micro, w.pad
+            )
+        return [to_device(h, torch.device("cpu")) for h in self._batches.cycle(step)]
 
 
 def _token_count(micro, world: int):
