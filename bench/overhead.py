@@ -17,6 +17,7 @@ Accelerate's accumulate() defers only the gradient reduction (set_requires_gradi
 
     python bench/overhead.py                 # single process, then 2 ranks (ddp, fsdp if present)
     python bench/overhead.py --worlds 1 --reps 3
+    python bench/overhead.py --smoke         # tiny model, 1 rep x 1 step, worlds 1 and 2: seconds
 
 The last line is `ratio gradcycle/bare=<x> gradcycle/accelerate=<y>` for the single process: the
 median over repetitions of the ratio of per-run median step times (paired, so slow drifts cancel).
@@ -41,7 +42,17 @@ MODEL = [
     "train.eval_every=0", "logging.progress=false", "checkpoint.at_end=false",
     "optim.warmup_steps=2", "seed=7",
 ]  # fmt: skip
+# --smoke: the tiny CI model in place of every MODEL value (given after MODEL, so it wins).
+SMOKE = [
+    "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4",
+    "model.intermediate_size=128", "data.vocab_size=512", "data.max_documents=300",
+    "train.global_batch_size=8", "train.micro_batch_size=2", "optim.warmup_steps=1",
+]  # fmt: skip
 IMPLS = ("gradcycle", "bare", "bare_fused", "accelerate")
+
+
+class NotComparable(Exception):
+    """An implementation cannot do this configuration's work here: its row says so, untimed."""
 
 
 class Workload:
@@ -204,7 +215,7 @@ def run_accelerate(w: Workload, n: int, rank: int, world: int, backend: str):
     if world > 1 and backend == "fsdp" and acc.distributed_type != DistributedType.FSDP:
         # accelerate enables FSDP only on accelerator devices; on CPU it runs DDP instead, which
         # is not the same work: report it rather than time it.
-        raise RuntimeError(f"accelerate runs {acc.distributed_type.value} here, not FSDP")
+        raise NotComparable(f"accelerate runs {acc.distributed_type.value} here, not FSDP")
     model = w.model()
     model, opt = acc.prepare(model, w.optimizer(model.parameters()))
     batches, clip, ends, first = w.batches(), w.cfg.train.grad_clip, [], None
@@ -270,8 +281,11 @@ def measure(rank: int, world: int, backend: str, reps: int, warmup: int, steps: 
                 continue
             try:
                 ends, loss = RUNNERS[impl](w, n, rank, world, backend)
-            except Exception as e:  # e.g. a combination an implementation does not support
-                errors[impl] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+            except NotComparable as e:
+                errors[impl] = f"not run: {e}"
+                continue
+            except Exception as e:  # reported in its row; the other implementations still run
+                errors[impl] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
                 continue
             if rank == 0:
                 timed = list(zip(ends[warmup - 1 :], ends[warmup:]))
@@ -313,8 +327,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    ap.add_argument("--smoke", action="store_true", help="smallest size (checks the script)")
     ap.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     a = ap.parse_args()
+    if a.smoke:
+        a.reps, a.warmup, a.steps, a.overrides = 1, 1, 1, [*SMOKE, *a.overrides]
     worlds = [int(x) for x in a.worlds.split(",")]
     backends = a.backends.split(",") if a.backends else [
         b for b in ("ddp", "fsdp") if b in backends_available()]  # fmt: skip
