@@ -2,7 +2,7 @@
 
     python bench/memory_check.py            # the full table (several minutes on 2 cores)
     python bench/memory_check.py --quick    # ddp on one rank only
-    python bench/memory_check.py --smoke    # the smallest model on ddp, fsdp, zero3: 2 ranks, 1 step
+    python bench/memory_check.py --smoke    # the smallest model on fsdp and zero3: 2 ranks, 1 step
 
 Each case builds the backend exactly as the trainer does (build_backend, activation checkpointing,
 token_loss) and runs a few optimizer steps of K micro-batches on random tokens. The measurement is
@@ -187,7 +187,7 @@ TWO_RANK_CASES = [
     case("h128-L4", "zero2", 4, 2, extra=["backend.sync=per_cycle"]),
 ]
 
-SMOKE_CASES = [case("h64-L2", b, 2, 2, extra=SHORT) for b in ("ddp", "fsdp", "zero3")]
+SMOKE_CASES = [case("h64-L2", b, 2, 2, extra=SHORT) for b in ("fsdp", "zero3")]
 
 
 def max_over_ranks(per_rank: list[list]) -> list:

@@ -17,7 +17,7 @@ Accelerate's accumulate() defers only the gradient reduction (set_requires_gradi
 
     python bench/overhead.py                 # single process, then 2 ranks (ddp, fsdp if present)
     python bench/overhead.py --worlds 1 --reps 3
-    python bench/overhead.py --smoke         # tiny model, 1 rep x 1 step, worlds 1 and 2: seconds
+    python bench/overhead.py --smoke         # tiny model, 1 rep x 1 step, 1 process + 2-rank fsdp
 
 The last line is `ratio gradcycle/bare=<x> gradcycle/accelerate=<y>` for the single process: the
 median over repetitions of the ratio of per-run median step times (paired, so slow drifts cancel).
@@ -330,8 +330,9 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="smallest size (checks the script)")
     ap.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     a = ap.parse_args()
-    if a.smoke:
+    if a.smoke:  # fsdp: the 2-rank path with the most of this script's own code
         a.reps, a.warmup, a.steps, a.overrides = 1, 1, 1, [*SMOKE, *a.overrides]
+        a.backends = a.backends or "fsdp"
     worlds = [int(x) for x in a.worlds.split(",")]
     backends = a.backends.split(",") if a.backends else [
         b for b in ("ddp", "fsdp") if b in backends_available()]  # fmt: skip

@@ -19,7 +19,7 @@ with `git archive`; its own conf/), for a before/after table:
 
     python bench/startup.py --before afa6b82                  # fsdp, W=1 and 2, both sources
     python bench/startup.py --layers 4 --worlds 2 --sources random
-    python bench/startup.py --smoke     # widths 64/128, 1 layer, W=2, in a temporary --work
+    python bench/startup.py --smoke     # widths 64/128, 1 layer, pretrained, W=2, temporary --work
 
 Timings move with other load on the machine; the memory columns do not. Needs Linux /proc.
 """
@@ -137,7 +137,7 @@ def _n_params(widths: dict, layers: int) -> int:
     return 2 * v * h + layers * (4 * h**2 + 3 * h * i + 2 * h) + h
 
 
-def _pretrained(widths: dict, layers: int, dest: Path) -> Path:
+def _pretrained(widths: dict, layers: int, dest: Path, run: list[str]) -> Path:
     """The benchmark model saved once as fp32 safetensors (HF's default sharding)."""
     if (dest / "config.json").is_file():
         return dest
@@ -147,7 +147,7 @@ def _pretrained(widths: dict, layers: int, dest: Path) -> Path:
     from gradcycle.data.reader import open_dataset
     from gradcycle.model import build_model
 
-    cfg = compose([*RUN, *_model(widths), f"model.num_layers={layers}"], str(ROOT / "conf"))
+    cfg = compose([*run, *_model(widths), f"model.num_layers={layers}"], str(ROOT / "conf"))
     model = build_model(cfg.model, widths["vocab_size"], "cpu", seed=cfg.seed, dtype=torch.float32)
     model.save_pretrained(str(dest))
     del model
@@ -172,16 +172,18 @@ def main() -> None:
     args = parser.parse_args()
     widths = LLAMA_7B
     if args.smoke:
-        widths, args.layers, args.worlds = SMOKE, 1, "2"
+        # pretrained: the path with this script's own code (the save, the page-cache eviction)
+        widths, args.layers, args.worlds, args.sources = SMOKE, 1, "2", "pretrained"
         args.work = tempfile.mkdtemp(prefix="gradcycle-startup-")
         try:
-            return measure(args, widths)
+            return measure(args, widths, ["data.max_documents=300"])  # the tests' token cache
         finally:
             shutil.rmtree(args.work, ignore_errors=True)
     return measure(args, widths)
 
 
-def measure(args, widths: dict) -> None:
+def measure(args, widths: dict, extra: list[str] = ()) -> None:
+    run = [*RUN, *extra]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("GRADCYCLE_CACHE", str(work / "cache"))
@@ -190,7 +192,7 @@ def measure(args, widths: dict) -> None:
         trees = {f"before ({args.before})": _tree(args.before, work / "before"), **trees}
     sources = args.sources.split(",")
     pre = (
-        _pretrained(widths, args.layers, work / f"pretrained-{args.layers}")
+        _pretrained(widths, args.layers, work / f"pretrained-{args.layers}", run)
         if "pretrained" in sources
         else None
     )
@@ -201,7 +203,7 @@ def measure(args, widths: dict) -> None:
             for world in map(int, args.worlds.split(",")):
                 for version, tree in trees.items():
                     extra = [f"model.pretrained={pre}"] if source == "pretrained" else []
-                    overrides = [*RUN, *_model(widths), f"model.num_layers={args.layers}",
+                    overrides = [*run, *_model(widths), f"model.num_layers={args.layers}",
                                  f"backend={backend}", f"train.global_batch_size={world}",
                                  f"run_dir={work / 'run'}", *extra]  # fmt: skip
                     if pre is not None:
