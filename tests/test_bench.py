@@ -2,8 +2,8 @@
 
 The scripts are discovered, not listed: every `bench/*.py` (underscore modules are shared code,
 not scripts) runs as `python bench/X.py --smoke`, every `bench/*.sh` as
-`SMOKE=1 bash bench/X.sh <out>` and must also write `<out>/X.jsonl`. A new script without a smoke
-mode fails its own case here. Passing means more than exit code 0: the output must hold a table
+`SMOKE=1 PYTHON=<this interpreter> bash bench/X.sh <out>` and must also write `<out>/X.jsonl`.
+A new script without a smoke mode fails its own case here. Passing means more than exit code 0: the output must hold a table
 with numbers, none of them nan or inf, and no row that failed, errored or was skipped.
 
 Each script is one subprocess and one test case; they run two at a time (the CI machine's two
@@ -49,8 +49,8 @@ EXPECT = {
 
 
 def _command(name: str, out: Path) -> tuple[list[str], dict]:
-    if name.endswith(".sh"):
-        return ["bash", str(BENCH / name), str(out)], {"SMOKE": "1"}
+    if name.endswith(".sh"):  # PYTHON: the scripts' interpreter is this one (its venv)
+        return ["bash", str(BENCH / name), str(out)], {"SMOKE": "1", "PYTHON": sys.executable}
     return [sys.executable, str(BENCH / name), "--smoke"], {}
 
 
