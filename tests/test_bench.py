@@ -17,6 +17,8 @@ import json
 import math
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -58,13 +60,16 @@ def _run(name: str) -> dict:
     out = Path(tempfile.mkdtemp(prefix=f"gradcycle-bench-{name}-"))
     cmd, env = _command(name, out)
     t0 = time.perf_counter()
+    # Its own session: a timeout ends the script's ranks and workers too, not only the script.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True,
-                              text=True, timeout=TIMEOUT_S)  # fmt: skip
-        code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
-    except subprocess.TimeoutExpired as e:
-        code, stdout, stderr = "timeout", e.stdout or "", f"no exit within {TIMEOUT_S}s"
-        stdout = stdout.decode() if isinstance(stdout, bytes) else stdout
+        stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        code, stderr = "timeout", f"no exit within {TIMEOUT_S}s\n{stderr}"
     return {"code": code, "stdout": stdout, "stderr": stderr, "out": out,
             "wall_s": time.perf_counter() - t0}  # fmt: skip
 
@@ -182,6 +187,13 @@ def test_every_script_is_covered():
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_smoke(script, smoke_runs):
     r = smoke_runs[script].result() if script in smoke_runs else _run(script)
+    try:
+        _check_run(script, r)
+    finally:
+        shutil.rmtree(r["out"], ignore_errors=True)
+
+
+def _check_run(script: str, r: dict) -> None:
     print(f"{script}: {r['wall_s']:.1f}s wall")
     head = f"{script} --smoke (exit {r['code']}, {r['wall_s']:.0f}s)"
     tail = f"\n--- stdout ---\n{r['stdout'][-3000:]}\n--- stderr ---\n{r['stderr'][-3000:]}"
