@@ -5,11 +5,11 @@
 # metrics.jsonl; then, in the time left, bench/gpu_memory.py --quick (planner vs measured memory).
 #
 #   bash bench/gpu.sh [OUT]                 # OUT defaults to ./gpu_results
-#   SMOKE=1 bash bench/gpu.sh OUT           # every row as one short step on CPU, tiny model
+#   SMOKE=1 bash bench/gpu.sh OUT           # three rows (each backend, both AC modes, K 1 and 2) as one step on CPU, tiny model
 #   PEAK_TFLOPS=989 bash bench/gpu.sh OUT   # override the detected profile's bf16 peak for MFU
 #
-# On a bare machine (Python + a CUDA torch, no network) bench/gpu_env.py first installs what is
-# missing from bench/gpu_wheels/ (made beforehand by bench/gpu_prep.sh), never touching torch;
+# On a bare machine (Python + a CUDA torch, no network) bench/_gpu_env.py first installs what is
+# missing from bench/gpu_wheels/ (made beforehand by bench/_gpu_prep.sh), never touching torch;
 # where everything imports it installs nothing. Procedure: docs/performance.md, "Running the GPU
 # benchmark".
 #
@@ -51,7 +51,7 @@ LOG="$OUT/gpu.log"
 rm -f "$OUT/gpu_table.md" "$OUT/gpu_memory.json"
 say() { echo "$*" | tee -a "$LOG"; }
 
-# This tree's gradcycle, not an installed one; then what gpu_env.py installs where the
+# This tree's gradcycle, not an installed one; then what _gpu_env.py installs where the
 # interpreter's site-packages is read-only.
 export GRADCYCLE_GPU_SITE="$WORK/site"
 export PYTHONPATH="$ROOT/src:$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
@@ -63,7 +63,7 @@ export TORCH_EXTENSIONS_DIR="$WORK/torch_extensions" TRITON_CACHE_DIR="$WORK/tri
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 
 # 1. What is missing, from the carried wheels; torch untouched; the imports checked.
-timeout -s KILL 180 "$PY" bench/gpu_env.py --wheels "${GPU_WHEELS:-$ROOT/bench/gpu_wheels}" 2>&1 \
+timeout -s KILL 180 "$PY" bench/_gpu_env.py --wheels "${GPU_WHEELS:-$ROOT/bench/gpu_wheels}" 2>&1 \
   | tee -a "$LOG" || { say "gpu.sh: the install or import check failed (above)"; exit 1; }
 export GRADCYCLE_GPU_ENV_OK=1  # gpu_memory.py below skips its own check
 
@@ -112,6 +112,8 @@ CONFIGS=(
   "fsdp none 8" "zero2 none 8" "zero3 none 8" "fsdp full 8" "zero2 full 8" "zero3 full 8"
   "fsdp none 1" "zero2 none 1" "zero3 none 1" "fsdp full 1" "zero2 full 1" "zero3 full 1"
 )
+# Smoke (CI, CPU): every backend, both checkpointing modes and both K once, not all 12 rows.
+[ "$SMOKE" = 1 ] && CONFIGS=("fsdp none 2" "zero2 full 1" "zero3 none 2")
 RUNS_START=$(date +%s)
 i=0
 for c in "${CONFIGS[@]}"; do
@@ -124,7 +126,7 @@ for c in "${CONFIGS[@]}"; do
   (( hard < left )) && left=$hard
   if (( left < MIN_RUN_S )); then
     say "== $c: skipped (time budget spent)"
-    "$PY" bench/gpu_table.py row "$OUT" "$name" "skipped: budget" 0
+    "$PY" bench/_gpu_table.py row "$OUT" "$name" "skipped: budget" 0
     continue
   fi
   limit=$(( left < PER_RUN_S ? left : PER_RUN_S ))
@@ -142,8 +144,8 @@ for c in "${CONFIGS[@]}"; do
     *) status="failed (exit $rc)" ;;
   esac
   [ "$status" = ok ] || { say "   $status; the end of its log:"; tail -n 25 "$WORK/logs/$name.log" >> "$LOG"; }
-  "$PY" bench/gpu_table.py row "$OUT" "$name" "$status" $(( $(date +%s) - t0 )) "$dir"
-  "$PY" bench/gpu_table.py table "$OUT"
+  "$PY" bench/_gpu_table.py row "$OUT" "$name" "$status" $(( $(date +%s) - t0 )) "$dir"
+  "$PY" bench/_gpu_table.py table "$OUT"
 done
 
 # 4. Planner vs measured peak memory in what is left (it prints each case as it ends).

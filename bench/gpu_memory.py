@@ -12,7 +12,7 @@ built; the prediction is the planner's peak for the same config, hardware=auto (
 device's profile) and the device's own memory as the budget. Planned to finish well inside 10
 minutes on an A100/H100/H200 (model construction on the host dominates); each case prints as soon
 as it is done, and --out is rewritten after each, so a run killed at its limit keeps what it had.
-On a bare machine it first installs what is missing (bench/gpu_env.py; bench/gpu.sh runs it too).
+On a bare machine it first installs what is missing (bench/_gpu_env.py; bench/gpu.sh runs it too).
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def main() -> None:
     args = parser.parse_args()
     if os.environ.get("GRADCYCLE_GPU_ENV_OK") != "1":  # bench/gpu.sh has checked already
         sys.path.insert(0, str(ROOT / "bench"))
-        from gpu_env import ensure
+        from _gpu_env import ensure
 
         ensure()
     import torch

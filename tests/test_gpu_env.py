@@ -1,7 +1,7 @@
-"""bench/gpu_env.py and bench/gpu.sh's install step, with a recording fake pip: where everything
+"""bench/_gpu_env.py and bench/gpu.sh's install step, with a recording fake pip: where everything
 imports nothing is installed; a missing module is installed offline from the wheel folder with
 torch pinned to the machine's own version and never asked for; a torch that changes is an error;
-no run starts before the imports work. And bench/gpu_table.py's rows and table."""
+no run starts before the imports work. And bench/_gpu_table.py's rows and table."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-import gpu_env  # noqa: E402
-import gpu_table  # noqa: E402
+import _gpu_env as gpu_env  # noqa: E402
+import _gpu_table as gpu_table  # noqa: E402
 
 FAKE_PIP = """
 import json, os, shutil, sys

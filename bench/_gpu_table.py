@@ -1,7 +1,7 @@
 """bench/gpu.sh's bookkeeping: one JSON row per planned run, and the markdown table of them.
 
-    python bench/gpu_table.py row OUT NAME STATUS WALL_S [RUN_DIR]   # appends to OUT/gpu.jsonl
-    python bench/gpu_table.py table OUT                              # prints, writes OUT/gpu_table.md
+    python bench/_gpu_table.py row OUT NAME STATUS WALL_S [RUN_DIR]   # appends to OUT/gpu.jsonl
+    python bench/_gpu_table.py table OUT                              # prints, writes OUT/gpu_table.md
 
 `row` also appends the run's metrics.jsonl records (each tagged with `run`) to OUT/metrics.jsonl,
 so the output folder holds a few files whatever the number of runs (the device tool returns at

@@ -1,11 +1,11 @@
 """Make the GPU benchmarks' imports work on a bare machine, never touching its torch.
 
-    python bench/gpu_env.py [--wheels DIR]     # what bench/gpu.sh runs first; gpu_memory.py too
+    python bench/_gpu_env.py [--wheels DIR]     # what bench/gpu.sh runs first; gpu_memory.py too
 
 A lent GPU machine brings Python, a CUDA torch and some of gradcycle's dependencies, and no
 network. This checks in a fresh interpreter which of the modules the benchmarks import are
 missing and installs only those, offline, from a folder of wheels made beforehand where a network
-exists (`bash bench/gpu_prep.sh` writes bench/gpu_wheels/, which travels with the working tree):
+exists (`bash bench/_gpu_prep.sh` writes bench/gpu_wheels/, which travels with the working tree):
 
 - nothing is installed when everything imports (CI, a dev venv: `make setup` was run);
 - gradcycle itself is not pip-installed: this tree's src/ goes first on PYTHONPATH, so the
@@ -103,7 +103,7 @@ def probe(modules) -> dict:
     for line in res.stdout.splitlines():
         if line.startswith("GPU_ENV_PROBE "):
             return json.loads(line.split(" ", 1)[1])
-    raise RuntimeError(f"gpu_env: the import probe failed (exit {res.returncode}):\n{res.stderr}")
+    raise RuntimeError(f"_gpu_env: the import probe failed (exit {res.returncode}):\n{res.stderr}")
 
 
 def pins(path: Path = ROOT / "constraints.txt") -> dict[str, str]:
@@ -157,19 +157,19 @@ def ensure(wheels: Path = WHEELS) -> dict:
     modules = [m for m, _ in NEEDED] + ["gradcycle.cli", "gradcycle.trainer"]
     state = probe(modules)
     if state["torch"] is None:
-        raise SystemExit(f"gpu_env: torch does not import ({state['errors']['torch']}): these "
+        raise SystemExit(f"_gpu_env: torch does not import ({state['errors']['torch']}): these "
                          "benchmarks use the machine's own torch and never install one")  # fmt: skip
     torch_before = state["torch"]
-    print(f"gpu_env: torch {torch_before[0]} ({Path(torch_before[1]).parent})", flush=True)
+    print(f"_gpu_env: torch {torch_before[0]} ({Path(torch_before[1]).parent})", flush=True)
     reqs, constraints = install_plan(state)
     if not reqs:
-        print("gpu_env: everything imports, nothing to install", flush=True)
+        print("_gpu_env: everything imports, nothing to install", flush=True)
     else:
         found = sorted(p.name for p in wheels.glob("*.whl")) if wheels.is_dir() else []
         if not found:
             raise SystemExit(
-                f"gpu_env: {', '.join(reqs)} must be installed but {wheels} holds no wheels "
-                "(no network here): run `bash bench/gpu_prep.sh` where a network exists and "
+                f"_gpu_env: {', '.join(reqs)} must be installed but {wheels} holds no wheels "
+                "(no network here): run `bash bench/_gpu_prep.sh` where a network exists and "
                 "carry bench/gpu_wheels (docs/performance.md, 'Running the GPU benchmark')"
             )
         with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
@@ -181,25 +181,25 @@ def ensure(wheels: Path = WHEELS) -> dict:
         else:  # --target ignores what is installed: no resolver, the folder's closure instead
             reqs = target_plan(state, wheels)
             cmd += ["--no-deps", "--target", str(SITE), *reqs]
-        print(f"gpu_env: installing {' '.join(reqs)} from {wheels} ({len(found)} wheels)",
+        print(f"_gpu_env: installing {' '.join(reqs)} from {wheels} ({len(found)} wheels)",
               flush=True)  # fmt: skip
         rc = subprocess.run(cmd, env=pip_env()).returncode
         os.unlink(f.name)
         if rc:
-            raise SystemExit(f"gpu_env: pip failed (exit {rc}): {shlex.join(cmd)}")
+            raise SystemExit(f"_gpu_env: pip failed (exit {rc}): {shlex.join(cmd)}")
         state = probe(modules)
         if state["torch"] != torch_before:
-            raise SystemExit(f"gpu_env: torch CHANGED during the install: {torch_before} -> "
+            raise SystemExit(f"_gpu_env: torch CHANGED during the install: {torch_before} -> "
                              f"{state['torch']}; the machine's torch must stay")  # fmt: skip
     bad = {m: e for m, e in state["errors"].items() if m != "torch"}
     if bad:
-        raise SystemExit("gpu_env: still missing after the install:\n" +
+        raise SystemExit("_gpu_env: still missing after the install:\n" +
                          "\n".join(f"  import {m}: {e}" for m, e in bad.items()))  # fmt: skip
     os.environ["PYTHONPATH"] = child_env()["PYTHONPATH"]  # for this process's children
     if str(SITE) not in sys.path:
         sys.path.insert(1, str(SITE))  # and itself (gpu_memory.py imports after this)
     shown = ", ".join(f"{m} {state['versions'].get(m, '')}".strip() for m in CHECKED)
-    print(f"gpu_env: imports ok: {shown}; torch {state['torch'][0]} unchanged", flush=True)
+    print(f"_gpu_env: imports ok: {shown}; torch {state['torch'][0]} unchanged", flush=True)
     return state
 
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The prep step for a GPU machine without network: the wheels bench/gpu_env.py may need there,
+# The prep step for a GPU machine without network: the wheels bench/_gpu_env.py may need there,
 # into bench/gpu_wheels/ (ignored by git; the device tool's `carry` ships it). Run it here, where
 # pip reaches the package index. About 9 MB; seconds once pip's cache holds them.
 #
-#   bash bench/gpu_prep.sh                     # for Python 3.12 (the lent H200) and this python
-#   PY_VERSIONS="3.12 3.13" bash bench/gpu_prep.sh
+#   bash bench/_gpu_prep.sh                     # for Python 3.12 (the lent H200) and this python
+#   PY_VERSIONS="3.12 3.13" bash bench/_gpu_prep.sh
 #
 # Versions are constraints.txt's pins. No torch (the machine's own stays) and nothing the runs do
 # not import (datasets, wandb, tensorboard). deepspeed and antlr4 come as source only: built here
@@ -16,7 +16,7 @@ DIR="${GPU_WHEELS:-$ROOT/bench/gpu_wheels}"
 PY="${PYTHON:-python3}"
 HERE="$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
 PY_VERSIONS="${PY_VERSIONS:-3.12 $HERE}"
-pin() { grep -i "^$1==" "$ROOT/constraints.txt" || { echo "gpu_prep: $1 is not in constraints.txt" >&2; exit 1; }; }
+pin() { grep -i "^$1==" "$ROOT/constraints.txt" || { echo "_gpu_prep: $1 is not in constraints.txt" >&2; exit 1; }; }
 
 # Source-only on the index: built into wheels (pure Python).
 BUILT=(deepspeed antlr4-python3-runtime)
@@ -39,7 +39,7 @@ for v in $PY_VERSIONS; do
     "${specs[@]}"
 done
 for w in "$DIR"/*.whl; do
-  case "$(basename "$w")" in torch-*|Torch-*) echo "gpu_prep: a torch wheel in $DIR" >&2; exit 1 ;; esac
+  case "$(basename "$w")" in torch-*|Torch-*) echo "_gpu_prep: a torch wheel in $DIR" >&2; exit 1 ;; esac
 done
 n=$(find "$DIR" -name '*.whl' | wc -l)
-echo "gpu_prep: $n wheels, $(du -sh "$DIR" | cut -f1) in $DIR (Python $PY_VERSIONS)"
+echo "_gpu_prep: $n wheels, $(du -sh "$DIR" | cut -f1) in $DIR (Python $PY_VERSIONS)"
