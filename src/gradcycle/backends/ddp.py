@@ -9,6 +9,7 @@ is also what `sync=auto` picks.
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -29,7 +30,7 @@ class DDPBackend(TorchBackend):
                 module,
                 device_ids=[device.index] if device.type == "cuda" else None,
                 # Rotary tables are recomputed identically on each rank: no per-forward broadcast.
-                broadcast_buffers=False,
+                **_no_forward_buffer_sync(),
             )
             # Same arithmetic as DDP's built-in reducer, but through torch.distributed.all_reduce
             # in Python, where the collective counter sees it (the C++ reducer bypasses Python).
@@ -48,3 +49,12 @@ class DDPBackend(TorchBackend):
             rows=[("gradient all-reduce (all buckets)", f"{n}x per cycle")],
             extra_memory="none (DDP keeps full gradients anyway)",
         )
+
+
+def _no_forward_buffer_sync() -> dict:
+    """torch 2.13 deprecates `broadcast_buffers` (a FutureWarning) for `forward_sync_buffers`;
+    2.11 has only the old name. The new one still broadcasts buffers once at init: harmless for
+    buffers that are equal on every rank anyway."""
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
