@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,12 @@ def test_start_up_check_warns_or_stops(runs):
     assert warned["code"] == 4 and [r["step"] for r in warned["records"]] == [1, 2]
     assert "checkpoint step_2 was not written" in warned["err"]
     assert warned["names"] == ["latest", "step_1"]
+    # the first checkpoint's estimate (model + optimizer bytes) is near what step_1 took on disk
+    from gradcycle.diskspace import recorded_bytes
+
+    estimate = float(re.search(r"needed: about ([\d.]+) MiB", warned["err"])[1]) * 2**20
+    written = recorded_bytes(runs[0] / "warn" / "checkpoints" / "step_1")
+    assert 0.9 < estimate / written < 1.3, (estimate, written)
 
     assert required["code"] == 4, required["err"]
     assert "checkpoint.require_space=true: stopped before training" in required["err"]
