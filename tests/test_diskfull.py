@@ -31,7 +31,8 @@ WORDS = ["checkpoint step_2", "filesystem:", "free:", "needed:", "latest = step_
 
 def _jobs(rank: int, world: int, jobs: list) -> list:
     """Each (run_dir, overrides, GRADCYCLE_FAULT, port) through the command line, in turn: rank 0
-    returns its exit code, stderr, the checkpoints dir and the step records. Exit 4 destroys the
+    returns its exit code, stderr, the checkpoints dir and the step records, the others their exit
+    code and stderr. Exit 4 destroys the
     process group; the next job's rendezvous gets a port of its own (a new store on the old port
     could meet a peer still talking to the old one)."""
     from gradcycle.cli import main
@@ -52,7 +53,7 @@ def _jobs(rank: int, world: int, jobs: list) -> list:
                        if Path(run_dir, "metrics.jsonl").exists() else [],
             "superseded": [json.loads(x) for x in superseded.read_text().splitlines()]
                           if superseded.exists() else [],
-        } if rank == 0 else None)  # fmt: skip
+        } if rank == 0 else {"code": code, "err": err.getvalue()})  # fmt: skip
     os.environ.pop("GRADCYCLE_FAULT", None)
     return out
 
@@ -77,8 +78,9 @@ def runs(tmp_path_factory):
            *_fail_then_resume(base, "fsdp-2", ["backend=fsdp"]),
            *_fail_then_resume(base, "zero2-2", ["backend=zero2"]),
            (str(base / "short-2"), [*STEPS, "backend=ddp"], "no_space:2@1", free_port())]  # fmt: skip
-    results = {1: run_on_ranks(_jobs, 1, args=(one,))[0], 2: run_on_ranks(_jobs, 2, args=(two,))[0]}
-    return base, results
+    two_ranks = run_on_ranks(_jobs, 2, args=(two,))
+    results = {1: run_on_ranks(_jobs, 1, args=(one,))[0], 2: two_ranks[0]}
+    return base, results, two_ranks[1]
 
 
 CASES = [(1, 0, "ddp"), (1, 2, "zero2"), (2, 0, "ddp"), (2, 2, "fsdp"), (2, 4, "zero2")]
@@ -97,6 +99,10 @@ def test_write_failure_is_one_message_and_resume_is_exact(runs, world, index, ba
     assert ".tmp-step_2" in err and "written before the failure" in err
     assert failed["names"] == ["latest", "step_1"] and failed["latest"] == "step_1"  # tmp gone
     assert [r["step"] for r in failed["records"]] == [1, 2]  # step 2 trained, its save failed
+    if world == 2:  # rank 1 exits 4 too, printing no message of its own: one per run
+        other, other_resumed = runs[2][index : index + 2]
+        assert other["code"] == 4 and other_resumed["code"] == 0, other
+        assert not any(w in other["err"] for w in ("gradcycle: error", "Traceback")), other
 
     # resume=auto from step_1 redoes step 2 exactly as the uninterrupted run trained it
     assert resumed["code"] == 0, resumed["err"]
@@ -114,7 +120,8 @@ def test_one_rank_short_of_space_stops_every_rank_before_writing(runs):
     """no_space on rank 1 only: both ranks stop at the same check (no rank waits in a write the
     other never starts), exit 4, nothing of step_2 on disk, the message names rank 1."""
     r = runs[1][2][6]
-    assert r["code"] == 4, r["err"]
+    assert r["code"] == 4 and runs[2][6]["code"] == 4, (r["err"], runs[2][6])
+    assert not any(w in runs[2][6]["err"] for w in ("gradcycle: error", "Traceback"))
     assert "checkpoint step_2 was not written: too little free space" in r["err"], r["err"]
     assert "free: 0 B (on rank 1: the least any rank sees)" in r["err"], r["err"]
     assert all(w in r["err"] for w in WORDS) and "Traceback" not in r["err"]

@@ -69,3 +69,28 @@ def test_val_fraction_refusals_name_the_fix(overrides, words):
     with pytest.raises(ValueError) as e:
         validate(compose([*TINY, *overrides]))
     assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_prepare_without_validation_split_then_evaluation_is_refused(tmp_path, capsys):
+    """python -m gradcycle.prepare data.val_fraction=0 (an eval_every in the overrides is no
+    reason to refuse: prepare trains nothing); data=tokens of it with train.eval_every>0 stops
+    with the fix, exit 2."""
+    import json
+
+    from conftest import ROOT
+
+    from gradcycle.cli import main as train_main
+    from gradcycle.data.prepare import main as prepare_main
+
+    out = tmp_path / "tokens"
+    assert prepare_main([*TINY, "data.val_fraction=0", "train.eval_every=5",
+                         f"prepare.out={out}"]) == 0  # fmt: skip
+    splits = json.loads((out / "manifest.json").read_text())["splits"]
+    assert splits["val"]["documents"] == 0 and splits["train"]["documents"] == 300
+    capsys.readouterr()
+    code = train_main([*TINY, f"run_dir={tmp_path / 'run'}", "data=tokens", f"data.path={out}",
+                       "train.eval_every=5"], str(ROOT / "conf"))  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "validation split" in err and "train.eval_every=0" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
