@@ -152,6 +152,7 @@ class CheckpointConfig:
     every: int = 0  # 0 = only at the end
     keep: int = 2
     at_end: bool = True
+    require_space: bool = False  # start-up: the next checkpoint would not fit -> stop, not warn
 
 
 @dataclass

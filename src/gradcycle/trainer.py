@@ -148,6 +148,7 @@ def _run(cfg, env, nodes: int) -> dict:
     )
     # Before anything is written: a bad checkpoint or resume mismatch leaves the run dir as it was.
     resumed_from = ckpt.resume(state)
+    ckpt.check_room_at_start(state)  # a run that cannot save must not train for hours first
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         print(plan.table(), flush=True)

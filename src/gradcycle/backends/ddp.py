@@ -14,6 +14,7 @@ all-reduces are recorded from the bucket layout after each synchronising backwar
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 import torch.distributed as dist
@@ -59,7 +60,7 @@ class DDPBackend(TorchBackend):
                 module,
                 device_ids=[device.index] if device.type == "cuda" else None,
                 # Rotary tables are recomputed identically on each rank: no per-forward broadcast.
-                broadcast_buffers=False,
+                **_no_forward_buffer_sync(),
                 gradient_as_bucket_view=True,
             )
             # Zeroed in place after a step: freeing the views would not free the buckets.
@@ -118,3 +119,12 @@ class Buckets:
         if getattr(self.ddp, "_has_rebuilt_buckets", False):  # torch without it: read each time
             self._final = found
         return found
+
+
+def _no_forward_buffer_sync() -> dict:
+    """torch 2.13 deprecates `broadcast_buffers` (a FutureWarning) for `forward_sync_buffers`;
+    2.11 has only the old name. The new one still broadcasts buffers once at init: harmless for
+    buffers that are equal on every rank anyway."""
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}

@@ -33,8 +33,15 @@ def check_config(cfg) -> None:
             f"data.seq_len={data.seq_len} exceeds model.max_position_embeddings="
             f"{cfg.model.max_position_embeddings}: lower data.seq_len or raise the model's limit"
         )
-    if not 0 < data.val_fraction < 1:
-        raise ValueError(f"data.val_fraction={data.val_fraction} must be within (0, 1)")
+    if not 0 <= data.val_fraction < 1:
+        raise ValueError(f"data.val_fraction={data.val_fraction} must be within [0, 1) (0: no "
+                         "validation split)")  # fmt: skip
+    if data.val_fraction == 0 and cfg.train.eval_every and data.name != "tokens":
+        raise ValueError(
+            f"data.val_fraction=0 holds out no validation documents, so train.eval_every="
+            f"{cfg.train.eval_every} has nothing to evaluate: set train.eval_every=0 (no "
+            "evaluation), or data.val_fraction>0 (e.g. 0.02)"
+        )
     _positive("data.max_documents", data.max_documents)
     if data.tokenizer is None and data.vocab_size < 260:
         raise ValueError(f"data.vocab_size={data.vocab_size} must be >= 260 (256 bytes + specials)")
