@@ -248,3 +248,32 @@ def test_planner_holds_one_ddp_gradient():
     k1 = estimate(Setup(shape=shape, seq=2048, micro=1, accumulation=1, backend="ddp", world=8,
                         shard=1))  # fmt: skip
     assert k1.breakdown["gradients"] == 4 * shape.n_params  # the buckets live through the step
+
+
+def test_a_resume_restores_adam_moments_when_gradients_already_exist(tmp_path):
+    """DDP's gradients exist before the first step (views into its buckets); torch's
+    get_state_dict creates the optimizer state it loads into only when no gradient exists, so a
+    ddp resume silently restarted Adam from zero moments (a 6e-5 loss gap two steps later)."""
+    from gradcycle.backends import build_backend
+
+    def make(where, dtype=torch.float32):
+        torch.manual_seed(0)
+        return torch.nn.Linear(8, 8, device=where, dtype=dtype)
+
+    cfg = compose([*TINY, "backend=ddp"])
+    saved = build_backend(cfg, make, torch.device("cpu"), 1, tmp_path)
+    saved.model(torch.ones(2, 8)).pow(2).sum().backward()
+    saved.step(1e-2, torch.zeros(1))
+    saved.save_state(tmp_path / "ck")
+    loaded = build_backend(cfg, make, torch.device("cpu"), 1, tmp_path)
+    for p in loaded.model.parameters():
+        p.grad = torch.zeros_like(p)  # as DDP's bucket views are at a resume
+    loaded.load_state(tmp_path / "ck")
+    want = [saved.optimizer.state[p] for p in saved.model.parameters()]
+    got = [loaded.optimizer.state[p] for p in loaded.model.parameters()]
+    for w, g in zip(want, got, strict=True):
+        assert float(w["exp_avg"].abs().sum()) > 0
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(torch.as_tensor(w[key]), torch.as_tensor(g[key])), key
+    for a, b in zip(saved.model.parameters(), loaded.model.parameters(), strict=True):
+        assert torch.equal(a, b) and (b.grad is None or not b.grad.any())
