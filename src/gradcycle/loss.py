@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradcycle.data import IGNORE_INDEX
+from gradcycle.data.masking import attention_inputs
 
 # Config fields of architectures that transform logits after the head (soft-capping, scaling):
 # the chunked path would compute another loss for them.
@@ -41,8 +42,12 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
 def summed_token_ce(model, batch: dict, impl: str = "chunked", chunk_tokens: int = 2048):
     """Sum of next-token cross-entropy over real targets (fp32 scalar). `model` may be the plain
     HF model or its backend wrapper (DDP, FSDP2 module, DeepSpeed engine). Every batch key but
-    `labels` (input_ids, position_ids, attention_mask, ...) goes to the model."""
+    `labels` (input_ids, position_ids, ...) goes to the model; `document_ids` (document masking)
+    become the mask the model's attention takes, here, just before this micro-batch's forward."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if "document_ids" in inputs:
+        attn = getattr(unwrap(model).config, "_attn_implementation", None)
+        inputs = attention_inputs(inputs, attn)
     labels = batch["labels"]
     if impl == "full":
         logits = model(**inputs).logits

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from gradcycle import attention as attention_impl
+
 
 def llama_config(model_cfg, vocab_size: int):
     from transformers import LlamaConfig
@@ -29,7 +31,6 @@ def llama_config(model_cfg, vocab_size: int):
         rope_theta=model_cfg.rope_theta,
         tie_word_embeddings=model_cfg.tie_embeddings,
         use_cache=False,  # the KV cache breaks recomputation under activation checkpointing
-        attn_implementation="sdpa",
     )
 
 
@@ -49,8 +50,11 @@ def hf_config(model_cfg, vocab_size: int):
 
 
 def build_model(model_cfg, vocab_size: int, device: str | torch.device = "cpu",
-                seed: int | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:  # fmt: skip
-    """A Llama-style causal LM on `device`, its parameters stored in `dtype`.
+                seed: int | None = None, dtype: torch.dtype = torch.float32,
+                attention: str = attention_impl.SDPA) -> nn.Module:  # fmt: skip
+    """A Llama-style causal LM on `device`, its parameters stored in `dtype`, its attention
+    `attention` (gradcycle/attention.py: SDPA without transformers' per-forward host sync, or
+    flex for document masking; "sdpa" where the model needs transformers' own masks).
 
     "meta" builds the shapes without allocating (fp32: FSDP2's shards are fp32 masters), for a
     backend that allocates and fills its shards itself (gradcycle.weights). Otherwise the model
@@ -66,24 +70,25 @@ def build_model(model_cfg, vocab_size: int, device: str | torch.device = "cpu",
     from gradcycle.weights import init, pretrained
 
     remote = model_cfg.trust_remote_code
+    config = hf_config(model_cfg, vocab_size)
+    attention = attention_impl.for_config(attention, config)
     if model_cfg.pretrained and str(device) != "meta" and not is_deepspeed_zero3_enabled():
         # ddp, zero1/2 keep full parameters: transformers' loader, once, in the storage dtype.
         model = AutoModelForCausalLM.from_pretrained(
             str(pretrained.local_dir(model_cfg)), trust_remote_code=remote, dtype=dtype,
-            attn_implementation="sdpa",
+            attn_implementation=attention,
         )  # fmt: skip
         model.config.use_cache = False
         return model.to(device)
-    config = hf_config(model_cfg, vocab_size)
     if str(device) == "meta":
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(
-                config, trust_remote_code=remote, dtype=torch.float32, attn_implementation="sdpa"
+                config, trust_remote_code=remote, dtype=torch.float32, attn_implementation=attention
             )
     # No init at construction (transformers' own ZeRO-3 init would gather every module).
     with torch.device(device), initialization.no_init_weights(), _no_zero3_hf_init():
         model = AutoModelForCausalLM.from_config(
-            config, trust_remote_code=remote, dtype=dtype, attn_implementation="sdpa"
+            config, trust_remote_code=remote, dtype=dtype, attn_implementation=attention
         )
     model.tie_weights()  # skipped with the init above; tied embeddings are one parameter
     if model_cfg.pretrained:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from gradcycle import checkpoint, distributed, hardware
+from gradcycle import attention, checkpoint, distributed, hardware
 from gradcycle.backends import build_backend
 from gradcycle.batching import BatchPlan, lr_at, plan_from_config
 from gradcycle.config import validate
@@ -124,8 +124,10 @@ def _run(cfg, env, nodes: int) -> dict:
     ac = cfg.activation_checkpointing
     is_dist = env.world_size > 1
 
+    attn = attention.implementation(cfg.data.document_mask, device.type)  # gradcycle/attention.py
+
     def make_model(where: str, dtype: torch.dtype = torch.float32):
-        model = build_model(cfg.model, vocab, where, seed=cfg.seed, dtype=dtype)
+        model = build_model(cfg.model, vocab, where, seed=cfg.seed, dtype=dtype, attention=attn)
         apply_activation_checkpointing(model, ac.mode, ac.every)
         if cfg.loss.impl != "full":
             attach_loss(model)  # the chunked loss runs inside the model's own forward
