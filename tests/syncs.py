@@ -38,9 +38,9 @@ class SyncCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if func is aten._local_scalar_dense.default or name in _VALUE_SIZED:
-            if not (name == "repeat_interleave" and (kwargs or {}).get("output_size")):
-                self.hit(name)
+        sized = name == "repeat_interleave" and (kwargs or {}).get("output_size")
+        if func is aten._local_scalar_dense.default or (name in _VALUE_SIZED and not sized):
+            self.hit(name)
         return func(*args, **(kwargs or {}))
 
     @contextlib.contextmanager

@@ -32,15 +32,18 @@ def count_syncs(rank: int, world: int, tmp: str) -> dict:
     from gradcycle.data.reader import open_dataset
     from gradcycle.trainer import run
 
+    write, choose = telemetry.MetricsSink.write, attention.implementation
     out = {}
     for name, overrides in JOBS.items():
         cfg = compose([*TINY, *STEPS, *overrides, f"run_dir={tmp}/{name.replace(' ', '-')}"])
         open_dataset(cfg, progress=False)  # prepared before counting (rank 0 writes, others wait)
         counter, marks = SyncCounter(), []
-        write = telemetry.MetricsSink.write
-        choose = attention.implementation
-        telemetry.MetricsSink.write = lambda sink, rec: (marks.append(counter.count),
-                                                         write(sink, rec))[1]  # fmt: skip
+
+        def marked(sink, record, counter=counter, marks=marks):
+            marks.append(counter.count)
+            return write(sink, record)
+
+        telemetry.MetricsSink.write = marked
         if "transformers" in name:
             attention.implementation = lambda *a: "sdpa"
         try:

@@ -89,7 +89,7 @@ def attention_bytes(kernel: str, mask: str, micro: int, seq: int, heads: int, kv
     else:
         saved = compute * (2 * q + 2 * kv) + lse  # q, k, v, out and the log-sum-exp
         temporary = 0.0
-    if mask == "dense":
+    if mask == "dense" and kernel != "math":  # math adds the mask in place, keeping nothing
         saved += compute * micro * t * t  # the boolean mask as an additive bias, per call
     shared = 0.0
     if mask == "dense":
