@@ -51,7 +51,7 @@ class NonFiniteHalt(RuntimeError):
 
 
 def token_loss(model, batch: dict, norm: torch.Tensor | float, impl: str = "chunked",
-               chunk_tokens: int = 2048) -> torch.Tensor:  # fmt: skip
+               chunk_tokens: int | str = "auto") -> torch.Tensor:  # fmt: skip
     """Sum of next-token cross-entropy over real targets, divided by the cycle's token count.
     The sum is fp32 whatever the precision; `impl`/`chunk_tokens` (loss.*) only change how much
     memory the logits take (gradcycle/loss.py)."""

@@ -51,9 +51,18 @@ def document_ids(positions):
 
 def attention_inputs(inputs: dict, attn_implementation: str | None) -> dict:
     """The model's inputs with the document mask its attention takes (`document_ids` consumed)."""
+    import torch
+
     from gradcycle.attention import FLEX, SDPA
 
     docs = inputs.get("document_ids")
+    padding = inputs.get("attention_mask")
+    if padding is not None and padding.dim() == 2 and attn_implementation in (SDPA, FLEX):
+        # transformers builds no mask for gradcycle's attention: a caller's 2-D padding mask
+        # becomes the 4-D one it would have built (gradcycle's own batches carry none)
+        width = padding.shape[1]
+        causal = torch.ones(width, width, dtype=torch.bool, device=padding.device).tril()
+        inputs = {**inputs, "attention_mask": (causal & padding.bool()[:, None, :])[:, None]}
     if docs is None:
         return inputs
     inputs = {k: v for k, v in inputs.items() if k != "document_ids"}
