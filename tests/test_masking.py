@@ -46,6 +46,25 @@ def test_positions_and_labels_restart_at_document_starts():
     assert positions.tolist() == list(range(10)) and labels.tolist() == ids.tolist()
 
 
+def test_rows_without_document_starts():
+    """A sample with no starts (an unpacked document: `None`; a packed row inside one document:
+    an empty array) is one document from the row start, not an IndexError from a float index.
+    The config that would send unpacked samples here is refused before anything starts."""
+    ids = np.arange(10, 15, dtype=np.int32)
+    for starts in (None, np.zeros(0, np.int64), np.zeros(0, np.uint32), []):
+        labels, positions = row_inputs(ids, starts, document_mask=True)
+        assert positions.tolist() == [0, 1, 2, 3, 4], starts
+        assert labels.tolist() == [IGNORE_INDEX, 11, 12, 13, 14], starts
+    _, positions = row_inputs(ids, np.array([2], np.uint32), document_mask=True)
+    assert positions.tolist() == [0, 1, 0, 1, 2]
+    host = collate([(ids, None), (ids[:3], None)], pad_id=0, document_mask=True)
+    assert host.rows[2].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]  # padding continues
+    from gradcycle.config import validate
+
+    with pytest.raises(ValueError, match="data.document_mask=true needs data.packing=true"):
+        validate(compose([*TINY, "data.packing=false", "data.document_mask=true"]))
+
+
 @pytest.mark.parametrize("width, block", [(200, 16), (256, 32), (7, 16)])
 def test_block_mask_equals_torch_create_block_mask(width, block):
     """Partial and full tiles, block counts and indices as torch computes them from every token

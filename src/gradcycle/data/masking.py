@@ -34,7 +34,9 @@ def row_inputs(ids: np.ndarray, starts: np.ndarray | None, document_mask: bool):
     width = len(ids)
     if not document_mask:
         return labels, np.arange(width, dtype=np.int32)
-    starts = np.union1d([0], starts if starts is not None else [])
+    # int64 on both sides: union1d([0], []) is a float array, which cannot index the labels
+    given = np.asarray([] if starts is None else starts, np.int64)
+    starts = np.union1d(np.zeros(1, np.int64), given)
     index = np.arange(width)
     positions = index - starts[np.searchsorted(starts, index, side="right") - 1]
     labels[starts] = IGNORE_INDEX  # the row start too: nothing predicts it in a row
