@@ -3,7 +3,7 @@ against the fp32 full path is the full bf16 path's, whatever the number of chunk
 loss.chunk_tokens=auto follows liger-kernel's rule with a floor (planner/loss.py `chunk_for`).
 
 Before (a bf16 accumulator, one rounding of the running sum per chunk) the error grew with the
-chunks: 64 chunks of 256 tokens were ~6x worse than one matmul. The old accumulation is rebuilt
+chunks: 64 chunks of 256 tokens were ~5x worse than the full bf16 path, 256 chunks of 64 ~14x. The old accumulation is rebuilt
 here as the reference for "large".
 """
 
@@ -60,7 +60,7 @@ def test_bf16_head_gradient_error_is_the_full_paths(head, chunk):
     err_full, err_chunked = _rel(full.grad, ref), _rel(3.0 * chunked.grad.float(), ref)
     err_before = _rel(_bf16_accumulator(h, w, t, chunk), ref)
     assert err_chunked <= 1.1 * err_full, (err_chunked, err_full)  # ~1.7e-3: bf16's own rounding
-    assert err_before >= 2.5 * err_chunked, (err_before, err_chunked)  # 256: 3x, 64: 6x
+    assert err_before >= 4 * err_chunked, (err_before, err_chunked)  # 256: 5.8x, 64: 17x
 
 
 def test_auto_chunk_is_liger_rule_with_a_device_floor():

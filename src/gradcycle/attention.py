@@ -4,8 +4,8 @@ transformers 5.24 builds the attention mask inside every forward (masking_utils.
 and, given position ids but no mask, looks for packed sequences in them
 (`find_packed_sequence_indices`, masking_utils.py:761): a `.all()` read on the host, i.e. one
 device -> host sync per micro-batch. Mask building is skipped for an implementation it has no
-mask function for (`_preprocess_mask_arguments`, masking_utils.py:842) and for a 4-D mask passed
-in (masking_utils.py:826). So gradcycle registers its own two names:
+mask function for (`_preprocess_mask_arguments`, masking_utils.py:830) and for a 4-D mask passed
+in (masking_utils.py:818). So gradcycle registers its own two names:
 
   gradcycle_sdpa            transformers' own SDPA forward, called with no mask (is_causal=True:
                             flash / efficient / cuDNN, GQA through enable_gqa) or with the dense
