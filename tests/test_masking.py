@@ -129,8 +129,9 @@ def test_attention_choice_follows_the_planner_rule():
     from gradcycle.planner.attention import mask_kind
 
     assert attention.implementation(False, "cuda") == attention.SDPA
-    assert attention.implementation(True, "cpu") == attention.SDPA  # dense mask: flex has no
-    assert mask_kind(True, "cpu") == "dense" and mask_kind(True, "cuda") == "flex"  # CPU backward
+    # dense mask on CPU: flex_attention has no backward there
+    assert attention.implementation(True, "cpu") == attention.SDPA
+    assert mask_kind(True, "cpu") == "dense" and mask_kind(True, "cuda") == "flex"
     want = attention.FLEX if attention.flex_available() else attention.SDPA  # needs Triton
     assert attention.implementation(True, "cuda") == want
     cfg = compose(TINY)
