@@ -12,8 +12,8 @@ bench/memory_check.py) over one step's forward + backward, above the memory live
 and loss (hidden.sum() as the loss): what the head, the cross-entropy and their gradients add.
 Time: the median wall time of `--reps` optimizer steps per configuration, configurations
 interleaved so background load hits all alike (and the process CPU time, which moves less when
-other jobs share the cores). The chunked rows use the default chunk (2048 tokens: one chunk
-here) and 256 tokens (8 chunks).
+other jobs share the cores). The chunked rows use 2048 tokens (one chunk here) and 256 tokens
+(8 chunks: what loss.chunk_tokens=auto picks here).
 """
 
 from __future__ import annotations

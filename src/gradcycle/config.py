@@ -130,7 +130,7 @@ class ActivationCheckpointingConfig:
 @dataclass
 class LossConfig:
     impl: str = "chunked"  # chunked | full | liger (gradcycle/loss.py)
-    chunk_tokens: int = 256  # chunked: tokens whose fp32 logits exist at a time
+    chunk_tokens: Any = "auto"  # chunked: tokens whose fp32 logits exist at a time, or auto
 
 
 @dataclass
@@ -378,7 +378,10 @@ def validate(cfg: Any, this_machine: bool = True) -> None:
             "here; use precision=bf16"
         )
     _one_of("loss.impl", cfg.loss.impl, ("chunked", "full", "liger"))
-    _positive("loss.chunk_tokens", cfg.loss.chunk_tokens)
+    chunk = cfg.loss.chunk_tokens
+    if chunk != "auto" and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0):
+        raise ValueError(f"loss.chunk_tokens={chunk!r} must be a positive integer or 'auto' "
+                         "(liger-kernel's rule: planner/loss.py chunk_for)")  # fmt: skip
     if cfg.loss.impl == "liger":
         from gradcycle.loss import check_liger
 

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from gradcycle import attention as attention_impl
+
 
 def llama_config(model_cfg, vocab_size: int):
     from transformers import LlamaConfig
@@ -30,7 +32,6 @@ def llama_config(model_cfg, vocab_size: int):
         rope_theta=model_cfg.rope_theta,
         tie_word_embeddings=model_cfg.tie_embeddings,
         use_cache=False,  # the KV cache breaks recomputation under activation checkpointing
-        attn_implementation="sdpa",
     )
 
 
@@ -123,21 +124,24 @@ def hf_config(model_cfg, vocab_size: int):
     return config
 
 
-def _from_config(config, model_cfg, dtype: torch.dtype) -> nn.Module:
+def _from_config(config, model_cfg, dtype: torch.dtype, attention: str = "sdpa") -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     from gradcycle.weights import names
 
     model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code,
-                                             dtype=dtype, attn_implementation="sdpa")  # fmt: skip
+                                             dtype=dtype, attn_implementation=attention)  # fmt: skip
     names.remember(model)  # the checkpoint key mapping, before FSDP2 renames the class
     return model
 
 
 def build_model(model_cfg, vocab_size: int, device: str | torch.device = "cpu",
-                seed: int | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:  # fmt: skip
+                seed: int | None = None, dtype: torch.dtype = torch.float32,
+                attention: str = attention_impl.SDPA) -> nn.Module:  # fmt: skip
     """The causal LM (Llama from model.*, model.config's architecture, or model.pretrained) with
-    its parameters in `dtype` on `device`.
+    its parameters in `dtype` on `device`, its attention `attention` (gradcycle/attention.py: SDPA
+    without transformers' per-forward host sync, or flex for document masking; "sdpa" where the
+    model needs transformers' own masks).
 
     "meta" builds the shapes without allocating, for a backend that allocates and fills its
     shards itself (gradcycle.weights). Any other device gets a real model, built on the meta
@@ -155,19 +159,20 @@ def build_model(model_cfg, vocab_size: int, device: str | torch.device = "cpu",
 
     seed = torch.initial_seed() if seed is None else seed
     zero3 = is_deepspeed_zero3_enabled()
+    config = hf_config(model_cfg, vocab_size)
+    attention = attention_impl.for_config(attention, config)
     if model_cfg.pretrained and str(device) != "meta" and not zero3:
         # ddp, zero1/2 keep full parameters: transformers' loader, once, in the storage dtype.
         model = AutoModelForCausalLM.from_pretrained(
             str(pretrained.local_dir(model_cfg)), trust_remote_code=model_cfg.trust_remote_code,
-            dtype=dtype, attn_implementation="sdpa",
+            dtype=dtype, attn_implementation=attention,
         )  # fmt: skip
         model.config.use_cache = False
         names.remember(model)
         return model.to(device)
-    config = hf_config(model_cfg, vocab_size)
     if str(device) == "meta" or not zero3:
         with torch.device("meta"):
-            model = _from_config(config, model_cfg, dtype)
+            model = _from_config(config, model_cfg, dtype, attention)
         if str(device) == "meta":
             return model
         model.to_empty(device=device)
@@ -177,7 +182,7 @@ def build_model(model_cfg, vocab_size: int, device: str | torch.device = "cpu",
         return model
     # ZeRO-3: no init at construction (transformers' own would gather every module).
     with torch.device(device), initialization.no_init_weights(), _no_zero3_hf_init():
-        model = _from_config(config, model_cfg, dtype)
+        model = _from_config(config, model_cfg, dtype, attention)
     model.tie_weights()  # skipped with the init above; tied embeddings are one parameter
     if model_cfg.pretrained:
         pretrained.load_into(model, pretrained.local_dir(model_cfg))

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from gradcycle import checkpoint, distributed, hardware
+from gradcycle import attention, checkpoint, distributed, hardware
 from gradcycle.backends import build_backend
 from gradcycle.batching import BatchPlan, lr_at, plan_from_config
 from gradcycle.config import validate
@@ -51,7 +51,7 @@ class NonFiniteHalt(RuntimeError):
 
 
 def token_loss(model, batch: dict, norm: torch.Tensor | float, impl: str = "chunked",
-               chunk_tokens: int = 2048) -> torch.Tensor:  # fmt: skip
+               chunk_tokens: int | str = "auto") -> torch.Tensor:  # fmt: skip
     """Sum of next-token cross-entropy over real targets, divided by the cycle's token count.
     The sum is fp32 whatever the precision; `impl`/`chunk_tokens` (loss.*) only change how much
     memory the logits take (gradcycle/loss.py)."""
@@ -129,8 +129,10 @@ def _run(cfg, env, nodes: int) -> dict:
     ac = cfg.activation_checkpointing
     is_dist = env.world_size > 1
 
+    attn = attention.implementation(cfg.data.document_mask, device.type)  # gradcycle/attention.py
+
     def make_model(where: str, dtype: torch.dtype = torch.float32):
-        model = build_model(cfg.model, vocab, where, seed=cfg.seed, dtype=dtype)
+        model = build_model(cfg.model, vocab, where, seed=cfg.seed, dtype=dtype, attention=attn)
         apply_activation_checkpointing(model, ac.mode, ac.every)
         if cfg.loss.impl != "full":
             attach_loss(model)  # the chunked loss runs inside the model's own forward

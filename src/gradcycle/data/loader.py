@@ -31,7 +31,7 @@ import torch
 from filelock import FileLock
 
 from gradcycle.data import IGNORE_INDEX
-from gradcycle.data.masking import attention_inputs, row_inputs, varlen_lengths
+from gradcycle.data.masking import document_ids, row_inputs
 
 
 class GlobalOrder:
@@ -77,19 +77,16 @@ class HostBatch:
               the worker, one copy to the device); numpy until pinned, so the worker pickles it
               through the pipe instead of a shared-memory handshake per tensor
     targets   its target count: labels after the first position that are not -100
-    seq_lens  under document masking, the document lengths of the rows flattened (varlen)
     tokens    its input tokens (padding excluded): what the model computes on, for tokens/s and MFU
     """
 
-    __slots__ = ("rows", "targets", "seq_lens", "tokens")
+    __slots__ = ("rows", "targets", "tokens")
 
-    def __init__(self, rows, targets: int, seq_lens=None, tokens: int = 0):
-        self.rows, self.targets, self.seq_lens = rows, targets, seq_lens
-        self.tokens = tokens
+    def __init__(self, rows, targets: int, tokens: int = 0):
+        self.rows, self.targets, self.tokens = rows, targets, tokens
 
     def pin_memory(self) -> HostBatch:  # called by DataLoader's pin-memory thread (CUDA)
-        pin = lambda a: None if a is None else torch.as_tensor(a).pin_memory()  # noqa: E731
-        return HostBatch(pin(self.rows), self.targets, pin(self.seq_lens), self.tokens)
+        return HostBatch(torch.as_tensor(self.rows).pin_memory(), self.targets, self.tokens)
 
 
 def collate(samples: list, pad_id: int, document_mask: bool = False) -> HostBatch:
@@ -110,8 +107,7 @@ def collate(samples: list, pad_id: int, document_mask: bool = False) -> HostBatc
             labels[mask[0] == 0] = IGNORE_INDEX
         rows[1, row, :n] = labels
     targets = int((rows[1, :, 1:] != IGNORE_INDEX).sum())
-    seq_lens = varlen_lengths(rows[2]).astype(np.int32) if document_mask else None
-    return HostBatch(rows, targets, seq_lens, tokens=sum(len(sample[0]) for sample in samples))
+    return HostBatch(rows, targets, tokens=sum(len(sample[0]) for sample in samples))
 
 
 def sample_targets(length: int, starts, mask, document_mask: bool) -> int:
@@ -235,10 +231,9 @@ def to_device(host: HostBatch, device: torch.device, attn_implementation: str | 
     """Host micro-batch -> the model's batch: a non-blocking copy, widened to int64 on the device."""
     rows = torch.as_tensor(host.rows).to(device, non_blocking=True).long()
     batch = dict(zip(ROWS, rows.unbind(0)))
-    if not document_mask:
-        return batch
-    batch["seq_lens"] = torch.as_tensor(host.seq_lens).to(device, non_blocking=True)
-    return attention_inputs(batch, attn_implementation)
+    if document_mask:  # the mask itself is built just before the forward (data/masking.py)
+        batch["document_ids"] = document_ids(batch["position_ids"])
+    return batch
 
 
 class CycleLoader:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from types import SimpleNamespace
 
+from gradcycle.planner.attention import mask_kind, resolve_precision
 from gradcycle.planner.memory import GIB, Setup, Shape
 from gradcycle.planner.zero import ZeroSettings, settings
 
@@ -154,16 +155,19 @@ def make_setup(cfg, shape: Shape, world: int, nodes: int, micro: int, sync: str,
     from gradcycle.model import checkpointed_layers
 
     b = backend or cfg.backend.name
+    target = "cpu" if cfg.hardware.name == "cpu" else "cuda"  # the device the plan sizes
     if zero is None:
         zero = zero_settings(cfg, b) if b.startswith("zero") else ZeroSettings()
     return Setup(
         shape=shape, seq=cfg.data.seq_len, micro=micro,
         accumulation=max(1, global_batch(cfg, world) // (micro * world)),
-        backend=b, world=world, shard=shard_size(cfg, b, world, nodes), precision=cfg.precision,
+        backend=b, world=world, shard=shard_size(cfg, b, world, nodes),
+        precision=resolve_precision(cfg.precision, target),
         sync=sync, checkpointed=tuple(checkpointed_layers(shape.layers, ac[0], ac[1])),
         optimizer=cfg.optim.name, momentum=cfg.optim.momentum,
         reduce_dtype=cfg.backend.reduce_dtype,
         offload_optimizer=cfg.backend.offload_optimizer and b.startswith("zero"),
         offload_param=cfg.backend.offload_param and b == "zero3",
         zero=zero, loss=cfg.loss.impl, loss_chunk=cfg.loss.chunk_tokens,
+        device=target, attention_mask=mask_kind(cfg.data.document_mask, target),
     )  # fmt: skip
