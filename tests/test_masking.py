@@ -101,7 +101,7 @@ def packed():
 def test_packed_row_logits_equal_each_document_alone(packed, attn):
     model, rows, pad = packed
     model.set_attn_implementation(attn)
-    batch = to_device(collate(rows, pad, document_mask=True), torch.device("cpu"), attn, True)
+    batch = to_device(collate(rows, pad, document_mask=True), torch.device("cpu"), True)
     inputs = attention_inputs({k: v for k, v in batch.items() if k != "labels"}, attn)
     kind = type(inputs.get("attention_mask")).__name__
     assert kind == {"eager": "NoneType", attention.FLEX: "BlockMask"}.get(attn, "Tensor")

@@ -169,7 +169,7 @@ def test_packed_examples_stay_whole_and_apart_unpacked_rows_pad():
         joined.append(len(ids))
     assert starts_seen == n_docs
     host = collate([rows[0], rows[1]], data.pad_id, document_mask=True)
-    batch = to_device(host, torch.device("cpu"), "sdpa", document_mask=True)
+    batch = to_device(host, torch.device("cpu"), document_mask=True)
     attend = attention_inputs(batch, "sdpa")["attention_mask"][:, 0]  # (b, T, T): may attend
     for r in range(2):
         ids, starts, mask = rows[r]

@@ -226,8 +226,7 @@ class Cycle:
         return self.micro.wait_s
 
 
-def to_device(host: HostBatch, device: torch.device, attn_implementation: str | None = "sdpa",
-              document_mask: bool = False) -> dict:  # fmt: skip
+def to_device(host: HostBatch, device: torch.device, document_mask: bool = False) -> dict:
     """Host micro-batch -> the model's batch: a non-blocking copy, widened to int64 on the device."""
     rows = torch.as_tensor(host.rows).to(device, non_blocking=True).long()
     batch = dict(zip(ROWS, rows.unbind(0)))
@@ -243,9 +242,9 @@ class CycleLoader:
     them in the loop's process."""
 
     def __init__(self, batches: MicroBatches, device: torch.device, start: int, stop: int,
-                 data_cfg, attn_implementation: str | None = "sdpa"):  # fmt: skip
+                 data_cfg):  # fmt: skip
         self.batches, self.device, self.next_step = batches, device, start
-        self.attn, self.document_mask = attn_implementation, data_cfg.document_mask
+        self.document_mask = data_cfg.document_mask
         self._open: Micro | None = None
         workers, width = data_cfg.num_workers, batches.k + 1
         self.loader = torch.utils.data.DataLoader(
@@ -258,7 +257,7 @@ class CycleLoader:
         self._it = iter(self.loader)
 
     def to_device(self, host: HostBatch) -> dict:
-        return to_device(host, self.device, self.attn, self.document_mask)
+        return to_device(host, self.device, self.document_mask)
 
     def cycle(self, step: int) -> Cycle:
         """The count now (computed ahead by a worker); the micro-batches as they are iterated."""
@@ -299,5 +298,4 @@ def train_loader(cfg, data, plan, env, device: torch.device, start: int, model) 
     order = GlobalOrder(len(samples), cfg.seed, cache_root(cfg.data) / "order")
     batches = MicroBatches(samples, order, plan.global_batch_size, env.rank, env.world_size,
                            plan.micro_batch_size, data.pad_id, cfg.data.document_mask)  # fmt: skip
-    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    return CycleLoader(batches, device, start, cfg.train.max_steps, cfg.data, attn)
+    return CycleLoader(batches, device, start, cfg.train.max_steps, cfg.data)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FLEX_BLOCK = 128  # flex_attention's default sparse block (BlockMask granularity)
+from gradcycle.data.masking import FLEX_BLOCK  # the tile the BlockMask is built from
 
 
 def resolve_precision(precision: str, device: str) -> str:
