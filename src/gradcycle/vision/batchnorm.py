@@ -55,6 +55,24 @@ def per_cycle_momentum(momentum: float, k: int) -> float:
     return 1.0 - (1.0 - momentum) ** (1.0 / k)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; backward sums the incoming gradients over ranks (every rank's loss
+    depends on every rank's statistics). torch's own torch.distributed.nn.functional.all_reduce
+    is deprecated in 2.13."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class GlooSyncBatchNorm(_BatchNorm):
     """nn.SyncBatchNorm's arithmetic where torch's cannot run (CPU, gloo): in training, the batch
     mean and (biased) variance over every rank's samples; running stats get the unbiased one."""
@@ -67,13 +85,11 @@ class GlooSyncBatchNorm(_BatchNorm):
         if not (self.training and dist.is_available() and dist.is_initialized()
                 and dist.get_world_size() > 1):  # fmt: skip
             return super().forward(input)
-        from torch.distributed.nn.functional import all_reduce
-
         dims = [0, *range(2, input.dim())]
         x = input.float()
         count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float32, device=x.device)
         local = torch.cat([x.sum(dims), (x * x).sum(dims), count])
-        total = all_reduce(local)  # differentiable: backward all-reduces the statistics' grads
+        total = _AllReduceSum.apply(local)
         c = x.shape[1]
         n = total[2 * c]
         mean = total[:c] / n

@@ -46,13 +46,13 @@ def _meta_model(cfg, labels: int | None = None) -> nn.Module:
 
 def _saved(model: nn.Module, blocks, x: torch.Tensor, params: set) -> tuple[int, list, list]:
     """(bytes autograd saves, per block, block input bytes) for one meta forward of `x`."""
-    seen: set[int] = set()
+    seen: dict[int, torch.Tensor] = {}  # holds them: a freed storage's address is reused
     total, marks, inputs = [0], [], []
 
     def pack(t):
         key = t.untyped_storage()._cdata
         if key not in seen and key not in params:
-            seen.add(key)
+            seen[key] = t
             total[0] += t.untyped_storage().nbytes()
         return t
 
