@@ -128,13 +128,12 @@ def vision_blocks(model: nn.Module) -> nn.ModuleList | None:
     if backbone is None or backbone is model or not hasattr(model, "classifier"):
         return None
     for path in BLOCKS:
-        obj = backbone
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList):
-            return obj
+        try:
+            found = backbone.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(found, nn.ModuleList):
+            return found
     return None
 
 
