@@ -1,7 +1,7 @@
 """BatchNorm under accumulation, measured: K x b vs 1 x (K*b), beside the exact GroupNorm/LayerNorm.
 
     python bench/batchnorm.py            # the table in docs/vision.md (a few minutes on 2 cores)
-    python bench/batchnorm.py --smoke    # seconds: b = 2, 16 on the BatchNorm ResNet, 2 steps
+    python bench/batchnorm.py --smoke    # b = 2, 16 on the BatchNorm ResNet, 2 steps: ~20 s of CPU
 
 The effective batch is 32 images of data=shapes (32x32, 8 classes). For each micro-batch b
 (K = 32 / b) and each model, from the same seeded init and the same images:

@@ -45,7 +45,7 @@ def check_guard(model_cfg, micro: int, world: int, where: str = "") -> None:
         f"{f' x {world} ranks' if model_cfg.sync_batchnorm and world > 1 else ''}) < "
         f"{MIN_SAMPLES}: accumulation does not enlarge it, the statistics are noisy and "
         f"K x b is not 1 x (K*b). Raise train.micro_batch_size to >= {MIN_SAMPLES}{sync}; or use "
-        "a GroupNorm/LayerNorm model (e.g. model=convnext-tiny, model=vit-tiny); or set "
+        "a GroupNorm/LayerNorm model (e.g. model=convnext-cpu, model=vit-cpu); or set "
         "model.batchnorm_guard=false to train with these statistics anyway"
     )
 

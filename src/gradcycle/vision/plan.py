@@ -192,10 +192,14 @@ def startup_lines(cfg, world: int) -> list[str]:
         return []
     return [
         f"plan (image): {act['per_image'] / 2**20:.1f} MiB activations per image at "
-        f"{cfg.data.image.size}x{cfg.data.image.size}; predicted peak {row['peak'] / GIB:.2f} "
-        f"GiB per rank (states {row['states'] / GIB:.2f} + activations "
-        f"{row['activations'] / GIB:.2f}) of {limit / GIB:.1f} GiB ({cfg.hardware.name})"
+        f"{cfg.data.image.size}x{cfg.data.image.size}; predicted peak {_size(row['peak'])} per "
+        f"rank (states {_size(row['states'])} + activations {_size(row['activations'])}) of "
+        f"{limit / GIB:.1f} GiB ({cfg.hardware.name})"
     ]
+
+
+def _size(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
 
 
 def main(argv: list[str] | None = None) -> int:
