@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,29 @@ NEEDS = {("data", "files"): [f"data.path={RAGGED_DATA}"], ("data", "hub"): [f"da
          # a hub id is not read by validate(): no download
          ("experiment", "sft-llama-7b-1node"): ["model.pretrained=meta-llama/Llama-2-7b-chat-hf",
                                                 f"data.path={RAGGED_DATA}"]}  # fmt: skip
+
+
+def _image_folder() -> str:
+    """task=image options: a 2-class imagefolder (one PNG each), written once per session."""
+    from PIL import Image
+
+    root = Path(os.environ["GRADCYCLE_CACHE"]) / "imagefolder"
+    for c in ("a", "b"):
+        if not (root / c / "0.png").exists():
+            (root / c).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8)).save(root / c / "0.png")
+    return str(root)
+
+
+IMAGE = [
+    "task=image",
+    "data=shapes",
+    "train.micro_batch_size=8",
+]  # 8: the BatchNorm guard's minimum
+NEEDS.update({("model", m): IMAGE for m in ("resnet-cpu", "vit-cpu", "convnext-cpu", "vit-huge")})
+NEEDS[("data", "shapes")] = [*IMAGE, "model=convnext-cpu"]
+NEEDS[("data", "imagefolder")] = [*IMAGE[::2], f"data.path={_image_folder()}", "model=convnext-cpu"]
+NEEDS[("experiment", "vit-huge-1024")] = [f"data.path={_image_folder()}"]
 
 
 def _options():

@@ -98,16 +98,6 @@ def test_checkpointed_layers_are_chosen_and_recomputed():
     assert set(model.state_dict()) == set(build_model(cfg.model, 300).state_dict())
 
 
-def test_batchnorm_guard_warns_and_converts():
-    from gradcycle.model import batchnorm_guard
-
-    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
-    with pytest.warns(UserWarning, match="SyncBatchNorm"):
-        batchnorm_guard(net, 2, sync_batchnorm=False, distributed=False)
-    converted = batchnorm_guard(net, 2, sync_batchnorm=True, distributed=True)
-    assert isinstance(converted[1], torch.nn.SyncBatchNorm)
-
-
 def test_config_yaml_is_resolved_and_metrics_append(tmp_path):
     train_steps(tmp_path, ["train.max_steps=2"])
     saved = (tmp_path / "config.yaml").read_text()

@@ -32,8 +32,30 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
-    sync_batchnorm: bool = False
+    sync_batchnorm: bool = False  # BatchNorm statistics over all ranks' micro-batches
+    # BatchNorm with fewer than 8 samples per statistic (micro, x ranks under sync): stop (false:
+    # train anyway); bn_momentum=per_cycle: m' = 1-(1-m)^(1/K), K updates decay like one per step
+    batchnorm_guard: bool = True
+    bn_momentum: str = "as_is"  # as_is | per_cycle
+    # task=image: the HF config of an AutoModelForImageClassification (model_type + its fields)
+    image: dict[str, Any] = field(default_factory=dict)
     trust_remote_code: bool = False
+
+
+@dataclass
+class ImageDataConfig:
+    """task=image: data=shapes (generated, embedded) or data=imagefolder (data.path)."""
+
+    size: int = 32  # pixels per side, what the model sees
+    num_classes: int = 8  # shapes: classes generated (imagefolder: its class folders)
+    train_samples: int = 8192  # shapes: images in the train split (generated on the fly)
+    val_samples: int = 512
+    augment: bool = True  # train split: random resized crop + horizontal flip, seeded per sample
+    crop_scale: float = 0.6  # augment: the smallest share of the image a crop keeps
+    mean: list[float] | None = None  # None: the image processor's (model.pretrained), else 0.5
+    std: list[float] | None = None
+    convert_rgb: bool = False  # imagefolder: convert grayscale/RGBA images instead of refusing
+    verify: str = "header"  # imagefolder start-up check: header (+ PNG CRCs) | full decode | off
 
 
 @dataclass
@@ -61,6 +83,7 @@ class DataConfig:
     num_workers: int = 2  # DataLoader worker processes per rank (0 = in the training process)
     prefetch_factor: int = 2  # micro-batches each worker computes ahead
     allow_changed: bool = False  # resume a checkpoint on a dataset with another fingerprint
+    image: ImageDataConfig = field(default_factory=ImageDataConfig)  # task=image
 
 
 @dataclass
@@ -180,6 +203,7 @@ class PlanConfig:
 
 @dataclass
 class Config:
+    task: str = "lm"  # lm (causal LM) | image (image classification: gradcycle/vision)
     seed: int = 1234
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: hardware.resolve_precision)
     tf32: bool = True  # CUDA, precision=fp32: fp32 matmuls/convolutions in TF32
@@ -234,6 +258,7 @@ def validate(cfg: Any, this_machine: bool = True) -> None:
     """Check every user-facing value; raise ValueError naming the field and the fix.
     `this_machine=False` (the planner, sizing a target cluster) skips the checks that ask this
     machine's devices (DeepSpeed's fp16 support)."""
+    _one_of("task", cfg.task, ("lm", "image"))
     _one_of("precision", cfg.precision, ("auto", "fp32", "bf16", "fp16"))
     _one_of("device", cfg.device, ("auto", "cpu", "cuda"))
     _one_of("backend.name", cfg.backend.name, BACKENDS)
@@ -317,10 +342,21 @@ def validate(cfg: Any, this_machine: bool = True) -> None:
 
     from gradcycle.data.checks import check_config
 
-    check_config(cfg)  # data.* and prepare.* (gradcycle/data/checks.py)
+    image = cfg.task == "image"
+    if image:
+        from gradcycle.vision.checks import check_image
+
+        check_image(cfg)  # data=shapes|imagefolder, model.image / model.pretrained, BatchNorm
+    elif cfg.model.image or cfg.data.name in ("shapes", "imagefolder"):
+        raise ValueError(f"model.image / data={cfg.data.name} are image classification settings: "
+                         "set task=image (or use a causal-LM model and text data)")  # fmt: skip
+    else:
+        check_config(cfg)  # data.* and prepare.* (gradcycle/data/checks.py)
 
     m = cfg.model
-    if m.config is not None:
+    if image:
+        pass
+    elif m.config is not None:
         from gradcycle.model import check_architecture
 
         check_architecture(cfg)  # readable, a causal LM, every parameter drawable shard by shard
@@ -338,7 +374,8 @@ def validate(cfg: Any, this_machine: bool = True) -> None:
             )
     from gradcycle.data.checks import check_folders
 
-    check_folders(cfg)  # model.pretrained / data.tokenizer: a local folder is complete
+    if not image:
+        check_folders(cfg)  # model.pretrained / data.tokenizer: a local folder is complete
     for key in ("memory_gb", "bf16_tflops", "intra_node_gbps", "inter_node_gbps"):
         _positive(f"hardware.{key}", cfg.hardware[key])
     _positive("hardware.reserved_gb", cfg.hardware.reserved_gb, allow_zero=True)

@@ -11,7 +11,8 @@ partitions are memory-mapped and each parameter is assembled from its pieces in 
 partition. The output is what `save_pretrained` writes: `model.safetensors`, or
 `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json` when the weights exceed
 `--max-shard-size` (default 5GB, save_pretrained's units: 1GB = 10^9 bytes), config.json, the
-run's tokenizer; AutoModelForCausalLM.from_pretrained loads it. Weights are the fp32 master copy
+run's tokenizer (task=image: its image processor); AutoModelForCausalLM.from_pretrained
+(AutoModelForImageClassification) loads it. Weights are the fp32 master copy
 unless --dtype says otherwise. Nothing is written at <out_dir> unless the export succeeds (it is
 assembled next to it and renamed).
 """
@@ -104,9 +105,18 @@ def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32",
     with weights_only_loads():
         source = dcp_source(state_dir) if meta["format"] == "dcp" else zero_source.load(state_dir)
         config = AutoConfig.from_pretrained(str(hf_dir), trust_remote_code=trust_remote_code)
-        config.use_cache = True  # training turns the KV cache off; generation wants it back
+        from transformers.models.auto import modeling_auto as auto
+
+        if (
+            type(config) in auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
+            and type(config) not in auto.MODEL_FOR_CAUSAL_LM_MAPPING
+        ):  # task=image: AutoModelForImageClassification loads the export
+            from transformers import AutoModelForImageClassification as auto_class
+        else:
+            auto_class = AutoModelForCausalLM
+            config.use_cache = True  # training turns the KV cache off; generation wants it back
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            model = auto_class.from_config(config, trust_remote_code=trust_remote_code)
         entries = _entries(model, source, state_dir, hf_dir, DTYPES[dtype])
         config.dtype = DTYPES[dtype]
 

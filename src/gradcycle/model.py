@@ -1,4 +1,4 @@
-"""Build the causal LM (from a config or pretrained), activation checkpointing, BatchNorm guard.
+"""Build the causal LM (from a config or pretrained), activation checkpointing.
 
 Activation checkpointing is applied here, once, before any backend wraps the model, so DDP,
 FSDP2 and DeepSpeed all reuse it.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import warnings
 from pathlib import Path
 
 import torch
@@ -218,6 +217,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
                 break
         if isinstance(obj, nn.ModuleList):
             return obj
+    from gradcycle.vision.model import vision_blocks
+
+    blocks = vision_blocks(model)  # task=image: ViT layers, ResNet/ConvNeXt stages
+    if blocks is not None:
+        return blocks
     raise ValueError(
         f"{type(model).__name__}: cannot find its decoder layers (looked for model.layers, "
         "transformer.h, gpt_neox.layers): activation checkpointing and FSDP need them"
@@ -250,24 +254,6 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int) -> l
 
 def _checkpointed(inner, *args, **kwargs):
     return checkpoint(inner, *args, use_reentrant=False, **kwargs)
-
-
-def batchnorm_guard(
-    model: nn.Module, micro_batch_size: int, sync_batchnorm: bool, distributed: bool
-):
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    if not has_bn:
-        return model
-    if sync_batchnorm and distributed:
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if micro_batch_size < 8:
-        warnings.warn(
-            f"the model has BatchNorm layers and train.micro_batch_size={micro_batch_size} < 8: "
-            "batch statistics over so few samples are noisy and accumulation does not fix them. "
-            "Set model.sync_batchnorm=true (SyncBatchNorm across ranks) or use GroupNorm/LayerNorm.",
-            stacklevel=2,
-        )
-    return model
 
 
 def count_params(model: nn.Module) -> int:

@@ -34,7 +34,6 @@ from gradcycle.loss import attach as attach_loss
 from gradcycle.loss import summed_token_ce
 from gradcycle.model import (
     apply_activation_checkpointing,
-    batchnorm_guard,
     build_model,
     checkpointed_layers,
     count_params,
@@ -43,6 +42,14 @@ from gradcycle.model import (
 from gradcycle.planner import auto as plan_auto
 from gradcycle.profiling import StepProfiler
 from gradcycle.telemetry import CommCounter, MetricsSink, flops_per_token, peak_memory_bytes
+from gradcycle.vision import batchnorm
+from gradcycle.vision import plan as vision_plan
+from gradcycle.vision.data import open_images
+from gradcycle.vision.loader import train_loader as image_loader
+from gradcycle.vision.model import build_model as build_image_model
+from gradcycle.vision.model import image_loss
+from gradcycle.vision.task import evaluate as evaluate_images
+from gradcycle.vision.task import flops_per_sample
 from gradcycle.weights import plan as startup_plan
 
 
@@ -102,7 +109,10 @@ def run(cfg) -> dict:
         print(hardware.precision_line(cfg, requested, where), flush=True)
     nodes = distributed.nodes_from_env() or cfg.nodes
     # train.micro_batch_size=auto / backend.sync=auto: the planner's choice, global batch kept
-    cfg = plan_auto.resolve_auto(cfg, env.world_size, nodes)
+    if cfg.task == "image":  # the image planner: activations per sample at data.image.size
+        cfg = vision_plan.resolve_auto(cfg, env.world_size)
+    else:
+        cfg = plan_auto.resolve_auto(cfg, env.world_size, nodes)
     for attempt in range(plan_auto.MAX_OOM_RETRIES + 1):
         try:
             return _run(cfg, env, nodes)
@@ -114,8 +124,9 @@ def run(cfg) -> dict:
 
 def _run(cfg, env, nodes: int) -> dict:
     plan = plan_from_config(cfg, env.world_size)
+    image = cfg.task == "image"  # image classification (gradcycle/vision): the same loop
     # Every rank; data=stdlib|files|hub prepare into the cache on first use (file-locked, once).
-    data = open_dataset(cfg, progress=env.is_main)  # every data error here, before any collective
+    data = (open_images if image else open_dataset)(cfg, progress=env.is_main)  # errors: here
     val_set = data.samples("val", cfg.data)
 
     device = distributed.pick_device(env, cfg.device)
@@ -125,18 +136,23 @@ def _run(cfg, env, nodes: int) -> dict:
     run_dir = resolve_run_dir(cfg, env)
     distributed.seed_everything(cfg.seed)
 
-    vocab = len(data.tokenizer)
+    vocab = data.num_labels if image else len(data.tokenizer)
     ac = cfg.activation_checkpointing
-    is_dist = env.world_size > 1
 
     attn = attention.implementation(cfg.data.document_mask, device.type)  # gradcycle/attention.py
 
     def make_model(where: str, dtype: torch.dtype = torch.float32):
-        model = build_model(cfg.model, vocab, where, seed=cfg.seed, dtype=dtype, attention=attn)
+        if image:
+            model = build_image_model(cfg.model, vocab, where, seed=cfg.seed, dtype=dtype,
+                                      image_size=cfg.data.image.size)  # fmt: skip
+        else:
+            model = build_model(cfg.model, vocab, where, seed=cfg.seed, dtype=dtype, attention=attn)
         apply_activation_checkpointing(model, ac.mode, ac.every)
-        if cfg.loss.impl != "full":
+        if cfg.loss.impl != "full" and not image:
             attach_loss(model)  # the chunked loss runs inside the model's own forward
-        return batchnorm_guard(model, plan.micro_batch_size, cfg.model.sync_batchnorm, is_dist)
+        # model.sync_batchnorm, model.bn_momentum (the guard ran in validation)
+        return batchnorm.prepare(model, cfg.model, plan.accumulation_steps, env.world_size,
+                                 device.type)  # fmt: skip
 
     if env.is_main:  # before anything is allocated: what each rank is about to hold
         for line in startup_plan.lines(cfg, make_model("meta"), env.world_size):
@@ -160,7 +176,9 @@ def _run(cfg, env, nodes: int) -> dict:
             )
         )
         print(f"model: {n_params / 1e6:.2f}M parameters, run dir: {run_dir}", flush=True)
-        for line in plan_auto.startup_lines(cfg, env.world_size, nodes, vocab):
+        lines = (vision_plan.startup_lines(cfg, env.world_size) if image
+                 else plan_auto.startup_lines(cfg, env.world_size, nodes, vocab))  # fmt: skip
+        for line in lines:
             print(line, flush=True)
         cfg_path = run_dir / "config.yaml"
         if not cfg_path.exists():
@@ -171,9 +189,14 @@ def _run(cfg, env, nodes: int) -> dict:
     loss_args = {"impl": cfg.loss.impl, "chunk_tokens": cfg.loss.chunk_tokens}
     sink = MetricsSink(run_dir, cfg, env.is_main, OmegaConf.to_container(cfg, resolve=True))
     # this rank's micro-batches from global batch `state.step` on, computed ahead by workers
-    loader = train_loader(cfg, data, plan, env, device, start=state.step, model=backend.module)
+    loader = (image_loader if image else train_loader)(
+        cfg, data, plan, env, device, start=state.step, model=backend.module
+    )
     recomputed = checkpointed_layers(len(decoder_layers(backend.module)), ac.mode, ac.every)
-    fpt = flops_per_token(backend.module, cfg.data.seq_len, recomputed)  # (model, hardware)
+    if image:  # per image
+        fpt = flops_per_sample(make_model("meta"), cfg.data.image.size, bool(recomputed))
+    else:
+        fpt = flops_per_token(backend.module, cfg.data.seq_len, recomputed)  # (model, hardware)
     profiler = StepProfiler(cfg.profile, cfg.profile_steps, run_dir, env.rank, device)
     progress = _progress(cfg, env, state.step)
     stop = StopSignal.install()
@@ -190,7 +213,8 @@ def _run(cfg, env, nodes: int) -> dict:
             counts = [_to_device(n, device) for n in (cycle.targets, cycle.tokens)]
             with comm.suspended():  # the trainer's own collectives are not the backend's
                 n_tokens = distributed.all_reduce_tensor(counts, device)
-            loss_fn = functools.partial(token_loss, norm=n_tokens[0].clamp(min=1), **loss_args)
+            loss_fn = functools.partial(image_loss if image else token_loss,
+                                        norm=n_tokens[0].clamp(min=1), **loss_args)  # fmt: skip
             loss_fn = faults.wrap_loss(step, loss_fn)  # tests only: an injected NaN/inf
             losses = []
             with backend.cycle():
@@ -233,10 +257,14 @@ def _run(cfg, env, nodes: int) -> dict:
             progress.update(record)
             if cfg.train.eval_every and (state.step % cfg.train.eval_every == 0
                                          or state.step == cfg.train.max_steps):  # fmt: skip
-                ev = evaluate(backend, val_set, plan, cfg, env, device, loader, data.pad_id)
+                if image:  # + eval_accuracy
+                    ev = evaluate_images(backend, data, plan, cfg, env, device, loader)
+                else:
+                    ev = evaluate(backend, val_set, plan, cfg, env, device, loader, data.pad_id)
                 comm.take()  # eval's parameter gathers (fsdp, hsdp, zero3) are no step's
                 sink.write({"step": state.step, **ev})
-                progress.note(f"step {state.step}: eval_loss {ev['eval_loss']:.4f}")
+                acc = f" eval_accuracy {ev['eval_accuracy']:.3f}" if image else ""
+                progress.note(f"step {state.step}: eval_loss {ev['eval_loss']:.4f}{acc}")
             stopping = stop_votes > 0
             ckpt.maybe_save(state, final=stopping)
             if stopping:

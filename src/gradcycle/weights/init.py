@@ -161,6 +161,16 @@ def _xavier_uniform(t, gain=1.0):
     return -bound, bound
 
 
+def _kaiming_std(t, a=0.0, mode="fan_in", nonlinearity="leaky_relu") -> float:
+    fan = nn.init._calculate_correct_fan(t, mode)
+    return nn.init.calculate_gain(nonlinearity, a) / math.sqrt(fan)
+
+
+def _kaiming_uniform(t, a=0.0, mode="fan_in", nonlinearity="leaky_relu"):
+    bound = math.sqrt(3.0) * _kaiming_std(t, a, mode, nonlinearity)
+    return -bound, bound
+
+
 # transformers.initialization's function -> (Op kind, its arguments); the rest is unsupported
 _RULES = {
     "normal_": ("normal", _normal),
@@ -168,6 +178,9 @@ _RULES = {
     "uniform_": ("uniform", _uniform),
     "xavier_uniform_": ("uniform", _xavier_uniform),
     "xavier_normal_": ("normal", lambda t, gain=1.0: (0.0, _xavier_std(t, gain))),
+    # convolutional vision models (ResNet): elementwise draws with a fan-derived scale
+    "kaiming_normal_": ("normal", lambda t, *a, **k: (0.0, _kaiming_std(t, *a, **k))),
+    "kaiming_uniform_": ("uniform", _kaiming_uniform),
     "zeros_": ("constant", lambda t: (0.0,)),
     "ones_": ("constant", lambda t: (1.0,)),
     "constant_": ("constant", lambda t, val: (float(val),)),
