@@ -5,7 +5,8 @@ One optimizer step = one cycle of K micro-batches per rank:
   2. count target tokens over the whole cycle on all ranks (one all-reduce) -> N;
   3. each micro-batch's loss = sum of token cross-entropy / N, so K micro-batches on W ranks are
      exactly one batch of K*b*W samples, ragged lengths included;
-  4. backend.forward_backward(..., last=k == K-1): the backend maps `last` onto its sync;
+  4. backend.run_cycle(K micro-batches, loss_fn): by default one forward_backward per micro-batch
+     with last=k == K-1, which the backend maps onto its sync; a pipeline runs one schedule;
   5. backend.step(lr): clip, optimizer, zero grads, once per cycle.
 """
 
@@ -23,7 +24,7 @@ import torch
 from omegaconf import OmegaConf
 
 from gradcycle import checkpoint, distributed, hardware
-from gradcycle.backends import build_backend
+from gradcycle.backends import build_backend, check_plan, data_parallel_env
 from gradcycle.batching import BatchPlan, lr_at, plan_from_config
 from gradcycle.config import validate
 from gradcycle.data import IGNORE_INDEX
@@ -113,7 +114,11 @@ def run(cfg) -> dict:
 
 
 def _run(cfg, env, nodes: int) -> dict:
-    plan = plan_from_config(cfg, env.world_size)
+    # backend.pp > 1: a pipeline's stages read the same data (their data-parallel replica's)
+    data_env = data_parallel_env(cfg, env)
+    copies = env.world_size // data_env.world_size  # ranks reading each data slice
+    plan = plan_from_config(cfg, data_env.world_size)
+    check_plan(cfg, plan.accumulation_steps, env.world_size)  # e.g. K >= pipeline stages
     # Every rank; data=stdlib|files|hub prepare into the cache on first use (file-locked, once).
     data = open_dataset(cfg, progress=env.is_main)  # every data error here, before any collective
     val_set = data.samples("val", cfg.data)
@@ -168,7 +173,7 @@ def _run(cfg, env, nodes: int) -> dict:
     loss_args = {"impl": cfg.loss.impl, "chunk_tokens": cfg.loss.chunk_tokens}
     sink = MetricsSink(run_dir, cfg, env.is_main, OmegaConf.to_container(cfg, resolve=True))
     # this rank's micro-batches from global batch `state.step` on, computed ahead by workers
-    loader = train_loader(cfg, data, plan, env, device, start=state.step, model=backend.module)
+    loader = train_loader(cfg, data, plan, data_env, device, start=state.step, model=backend.module)
     recomputed = checkpointed_layers(len(decoder_layers(backend.module)), ac.mode, ac.every)
     fpt = flops_per_token(backend.module, cfg.data.seq_len, recomputed)  # (model, hardware)
     profiler = StepProfiler(cfg.profile, cfg.profile_steps, run_dir, env.rank, device)
@@ -187,20 +192,17 @@ def _run(cfg, env, nodes: int) -> dict:
             counts = [_to_device(n, device) for n in (cycle.targets, cycle.tokens)]
             with comm.suspended():  # the trainer's own collectives are not the backend's
                 n_tokens = distributed.all_reduce_tensor(counts, device)
+            n_tokens = n_tokens / copies  # each pipeline stage counted its replica's slice
             loss_fn = functools.partial(token_loss, norm=n_tokens[0].clamp(min=1), **loss_args)
             loss_fn = faults.wrap_loss(step, loss_fn)  # tests only: an injected NaN/inf
-            losses = []
-            with backend.cycle():
-                for k, batch in enumerate(cycle.micro):
-                    faults.at_micro(step, k)
-                    last = k == len(cycle.micro) - 1
-                    with profiler.region("forward_backward"):
-                        losses.append(backend.forward_backward(batch, loss_fn, last=last))
+            # all K micro-batches: the backend's per-micro loop, or one pipeline schedule
+            at_micro = functools.partial(_micro_region, faults, profiler, step)
+            loss_sum = backend.run_cycle(cycle.micro, loss_fn, at_micro)
             lr = lr_at(step, plan, cfg.optim.schedule, cfg.train.max_steps, cfg.optim.min_lr_ratio)
             # Stop votes ride along (no extra collective): every rank stops at the same boundary.
             votes = [_to_device(v, device) for v in stop.votes()]
             with comm.suspended():
-                stats = distributed.all_reduce_tensor([torch.stack(losses).sum(), *votes], device)
+                stats = distributed.all_reduce_tensor([loss_sum, *votes], device)
             with profiler.region("optimizer_step"):
                 result = backend.step(lr, torch.cat([stats, n_tokens]))  # the step's one host sync
             comm_counts = comm.take()
@@ -230,7 +232,9 @@ def _run(cfg, env, nodes: int) -> dict:
             progress.update(record)
             if cfg.train.eval_every and (state.step % cfg.train.eval_every == 0
                                          or state.step == cfg.train.max_steps):  # fmt: skip
-                ev = evaluate(backend, val_set, plan, cfg, env, device, loader, data.pad_id)
+                ev = evaluate(
+                    backend, val_set, plan, cfg, data_env, device, loader, data.pad_id, copies
+                )
                 comm.take()  # eval's parameter gathers (fsdp, hsdp, zero3) are no step's
                 sink.write({"step": state.step, **ev})
                 progress.note(f"step {state.step}: eval_loss {ev['eval_loss']:.4f}")
@@ -256,6 +260,12 @@ def _run(cfg, env, nodes: int) -> dict:
         ckpt.wait_for_pruning()  # rank 0's background deletion of old checkpoints
     progress.summary(record)
     return record
+
+
+def _micro_region(faults, profiler, step: int, k: int):
+    """As micro-batch k of `step` starts: a test-injected fault, then its profiler region."""
+    faults.at_micro(step, k)
+    return profiler.region("forward_backward")
 
 
 def _record(state, plan: BatchPlan, cfg, env, loss, result, tokens, dt, lr, fpt, device, comm,
@@ -292,8 +302,10 @@ def _record(state, plan: BatchPlan, cfg, env, loss, result, tokens, dt, lr, fpt,
 
 
 @torch.no_grad()
-def evaluate(backend, val_set, plan, cfg, env, device, loader, pad_id) -> dict:
-    """Token-weighted validation loss over the same batches on any world size."""
+def evaluate(backend, val_set, plan, cfg, env, device, loader, pad_id, copies: int = 1) -> dict:
+    """Token-weighted validation loss over the same batches on any world size. `env`: the
+    data-parallel ranks; `copies`: ranks reading each slice (pipeline stages; their loss is
+    counted on the last stage only)."""
     losses, tokens = [], 0
     loss_fn = functools.partial(token_loss, norm=1.0, impl=cfg.loss.impl,
                                 chunk_tokens=cfg.loss.chunk_tokens)  # fmt: skip
@@ -304,6 +316,7 @@ def evaluate(backend, val_set, plan, cfg, env, device, loader, pad_id) -> dict:
     with CommCounter.instance().suspended():
         sums = distributed.all_reduce_tensor([torch.stack(losses).sum(), tokens], device)
     total, tokens = sums.tolist()
+    tokens /= copies
     loss = total / max(tokens, 1.0)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(tokens)}
 

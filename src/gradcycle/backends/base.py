@@ -1,8 +1,9 @@
 """The small interface the training loop talks to, and the shared torch-native implementation.
 
 The trainer decides where an accumulation cycle starts and ends; a backend only translates that
-decision: `cycle()` brackets the K micro-batches, `forward_backward(..., last)` says whether this
-micro-batch closes the cycle, and `step()` applies the accumulated gradient once.
+decision: `run_cycle()` runs the K micro-batches (by default inside `cycle()`, one
+`forward_backward(..., last)` each, `last` saying whether this micro-batch closes the cycle), and
+`step()` applies the accumulated gradient once.
 """
 
 from __future__ import annotations
@@ -58,6 +59,19 @@ class Backend:
 
     def forward_backward(self, batch: dict, loss_fn, last: bool) -> torch.Tensor:
         raise NotImplementedError
+
+    def run_cycle(self, micro_batches, loss_fn, at_micro=None) -> torch.Tensor:
+        """Forward and backward of one cycle's K micro-batches (a sized iterable, read once);
+        returns their summed loss (a device scalar). THE place the accumulation boundary is
+        decided: the K-th micro-batch is `last`. `at_micro(k)`, called as micro-batch k starts,
+        returns a context around its work (test fault injection, the profiler's region). A
+        pipeline backend overrides this with one schedule step over all K."""
+        losses, k_last = [], len(micro_batches) - 1
+        with self.cycle():
+            for k, batch in enumerate(micro_batches):
+                with at_micro(k) if at_micro is not None else contextlib.nullcontext():
+                    losses.append(self.forward_backward(batch, loss_fn, last=k == k_last))
+        return torch.stack(losses).sum()
 
     def step(self, lr: float, stats: torch.Tensor) -> StepResult:
         """Clip, optimizer step, zero grads. Fetch the grad norm and `stats` (trainer's device

@@ -1,0 +1,358 @@
+"""Pipeline parallelism (`backend.pp` > 1): the cycle's K micro-batches ARE the pipeline's.
+
+The world is a (pp, dp) mesh, pp outermost: rank = pp_rank * dp + dp_rank. Each rank holds
+`backend.pp_virtual` (v) stages of the decoder (stage ids pp_rank + c*pp, the looped placement),
+the first stage also the embedding, the last also the final norm and the output head. One
+`run_cycle` is one step of a `torch.distributed.pipelining` schedule over all K micro-batches.
+
+Exactness (the same contract as every backend): the last stage computes the trainer's own loss
+(summed token CE / N, N = targets of the whole cycle on all data-parallel replicas, the chunked
+loss included), the schedule's `scale_grads` is off (its default divides by K: an error of
+1 - 1/K), and the data-parallel replicas of a stage SUM their gradients once per cycle (one
+flat all-reduce), so pp x dp ranks give the gradient of one big batch.
+
+Names are unchanged: the stage is the Hugging Face model itself with the layers it does not own
+replaced by parameterless placeholders (same ModuleList indices) and the embedding / norm / head
+set to None where not owned, so state-dict keys are the pp=1 model's and seeded init draws the
+same weights (gradcycle.weights.init draws by name).
+
+Supported: Llama-family decoders (embed_tokens / layers / norm / rotary_emb / lm_head), untied
+embeddings, backend=ddp, schedules gpipe | 1f1b | interleaved_1f1b | looped_bfs. Refused with a
+message: fsdp/hsdp inside stages, zero*, tied embeddings, zero-bubble schedules (their separate
+weight-gradient pass re-enters the chunked loss), fp16, document masking.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gradcycle.backends.base import SyncPlan, TorchBackend
+from gradcycle.data import IGNORE_INDEX
+from gradcycle.model import decoder_layers
+
+SCHEDULES = {  # backend.pp_schedule -> torch.distributed.pipelining class
+    "gpipe": "ScheduleGPipe",
+    "1f1b": "Schedule1F1B",
+    "interleaved_1f1b": "ScheduleInterleaved1F1B",
+    "looped_bfs": "ScheduleLoopedBFS",
+}
+MULTI = ("interleaved_1f1b", "looped_bfs")  # more than one stage per rank (pp_virtual > 1)
+NOT_YET = ("zbv", "dualpipev", "interleaved_zb")  # named by the config, refused (docstring)
+
+
+def check_config(cfg) -> None:
+    """backend.pp* rules that need no world size (config.validate calls this)."""
+    b = cfg.backend
+    if b.pp < 1 or b.pp_virtual < 1:
+        raise ValueError(f"backend.pp={b.pp} and backend.pp_virtual={b.pp_virtual} must be >= 1")
+    if b.pp == 1:
+        return
+    choices = (*SCHEDULES, *NOT_YET)
+    if b.pp_schedule not in choices:
+        raise ValueError(f"backend.pp_schedule={b.pp_schedule!r} is not valid: choose one of "
+                         f"{', '.join(choices)}")  # fmt: skip
+    if b.pp_schedule in NOT_YET:
+        raise ValueError(
+            f"backend.pp_schedule={b.pp_schedule}: zero-bubble schedules run a separate "
+            "weight-gradient pass that gradcycle's chunked loss and stage split do not support "
+            "yet; use backend.pp_schedule=1f1b, gpipe, interleaved_1f1b or looped_bfs"
+        )
+    if b.name != "ddp":
+        why = ("DeepSpeed's own pipeline needs its PipelineModule and ZeRO <= 1"
+               if b.name.startswith("zero") else "FSDP2 inside pipeline stages is not built yet")  # fmt: skip
+        raise ValueError(f"backend.pp={b.pp} with backend={b.name}: {why}; use backend=ddp "
+                         "(data parallel across pipeline replicas) or backend.pp=1")  # fmt: skip
+    if b.pp_schedule in MULTI and b.pp_virtual < 2:
+        raise ValueError(f"backend.pp_schedule={b.pp_schedule} runs several stages per rank: "
+                         "set backend.pp_virtual=2 (or more), or use backend.pp_schedule=1f1b")  # fmt: skip
+    if b.pp_schedule not in MULTI and b.pp_virtual != 1:
+        raise ValueError(f"backend.pp_virtual={b.pp_virtual} needs an interleaved schedule: use "
+                         "backend.pp_schedule=interleaved_1f1b or backend.pp_virtual=1")  # fmt: skip
+    stages = b.pp * b.pp_virtual
+    if cfg.model.config is None and cfg.model.pretrained is None:
+        layers = cfg.model.num_layers
+        if layers % stages:
+            raise ValueError(
+                f"model.num_layers={layers} does not split into backend.pp={b.pp} x "
+                f"backend.pp_virtual={b.pp_virtual} = {stages} equal stages: choose pp x "
+                f"pp_virtual dividing {layers}"
+            )
+        if cfg.model.tie_embeddings:
+            raise ValueError("model.tie_embeddings=true with backend.pp > 1: tied embeddings "
+                             "across stages are not supported yet; use backend.pp=1")  # fmt: skip
+    for bad, why in ((cfg.precision == "fp16", "precision=fp16 (its loss scaler would have to "
+                      "decide across stages): use precision=bf16"),
+                     (cfg.data.document_mask, "data.document_mask=true (per-document masks do "
+                      "not travel between stages yet): use data.document_mask=false"),
+                     (cfg.train.micro_batch_size == "auto", "train.micro_batch_size=auto (the "
+                      "planner does not size stages yet): give a number"),
+                     (cfg.backend.sync == "per_micro", "backend.sync=per_micro (the stage "
+                      "gradients are reduced once per cycle): use backend.sync=auto")):  # fmt: skip
+        if bad:
+            raise ValueError(f"backend.pp={b.pp} does not support {why}")
+
+
+def check_plan(cfg, k: int, world: int) -> None:
+    """The world splits into pp x dp, and K micro-batches suit the schedule. Before any process
+    group starts (the trainer calls this right after the batch plan)."""
+    b = cfg.backend
+    if b.pp == 1:
+        return
+    if world % b.pp:
+        raise ValueError(f"backend.pp={b.pp} does not divide the world size {world}: the mesh is "
+                         f"pp x dp; use a backend.pp dividing {world}")  # fmt: skip
+    if b.pp_schedule in ("1f1b", "interleaved_1f1b") and k < b.pp:
+        raise ValueError(
+            f"backend.pp_schedule={b.pp_schedule} needs K >= backend.pp={b.pp} micro-batches per "
+            f"cycle, got K={k}: raise train.global_batch_size or lower train.micro_batch_size "
+            "(K = global / (micro x data-parallel ranks))"
+        )
+    rounds = max(1, k // b.pp)
+    if b.pp_schedule == "interleaved_1f1b" and k % rounds:
+        raise ValueError(f"backend.pp_schedule=interleaved_1f1b needs K divisible by "
+                         f"max(1, K // pp) = {rounds}, got K={k}: use K a multiple of pp={b.pp}")  # fmt: skip
+
+
+def data_parallel(pp: int, rank: int, world: int) -> tuple[int, int]:
+    """(dp_rank, dp_size): the ranks of one pipeline read the same data."""
+    dp = world // pp
+    return rank % dp, dp
+
+
+def stage_layers(n_layers: int, stages: int, stage: int) -> range:
+    per = n_layers // stages
+    return range(stage * per, (stage + 1) * per)
+
+
+class _Absent(nn.Module):
+    """A layer another stage owns: no parameters, so the owned layers keep their indices."""
+
+
+_LLAMA_PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
+
+
+def prune(model: nn.Module, owned: list[int], first: bool, last: bool) -> None:
+    """Keep only this rank's layers (and the embedding / norm / head if it owns them), in place."""
+    base = getattr(model, "model", None)
+    if base is None or not all(hasattr(base, p) for p in _LLAMA_PARTS):
+        raise ValueError(
+            f"backend.pp > 1 splits Llama-family decoders (model.embed_tokens, model.layers, "
+            f"model.norm, model.rotary_emb); {type(model).__name__} is not one: use backend.pp=1"
+        )
+    if model.get_output_embeddings() is None or getattr(model.config, "tie_word_embeddings", 0):
+        raise ValueError(f"{type(model).__name__} ties its input and output embeddings: not "
+                         "supported with backend.pp > 1 yet; use backend.pp=1")  # fmt: skip
+    layers = decoder_layers(model)
+    for i in range(len(layers)):
+        if i not in owned:
+            layers[i] = _Absent()
+    if not first:
+        base.embed_tokens = None
+    if not last:
+        base.norm = None
+        model.lm_head = None
+
+
+class _Head(nn.Module):
+    """What the trainer's loss_fn(model, batch) calls on the last stage: the output head over the
+    final hidden states, answering like the HF model (`.loss` with loss_targets, else `.logits`).
+    Not registered anywhere: the head is the stage's own module."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.__dict__["head"] = head
+        self._gradcycle_loss = True  # loss.attach(): already set up (the head is patched)
+
+    def forward(self, hidden_states, loss_targets=None, loss_impl="chunked", loss_chunk_tokens=0):
+        if loss_targets is None:
+            return types.SimpleNamespace(logits=self.head(hidden_states))
+        loss = self.head(hidden_states, loss_targets=loss_targets, impl=loss_impl,
+                         chunk_tokens=loss_chunk_tokens)  # fmt: skip
+        return types.SimpleNamespace(loss=loss)
+
+
+class StageModule(nn.Module):
+    """One pipeline stage: its layers of the rank's (pruned) HF model, run in order. Registers
+    only its own modules, so `parameters()` are the stage's (what PipelineStage reduces)."""
+
+    def __init__(self, model: nn.Module, layers: range, first: bool, last: bool):
+        super().__init__()
+        base = model.model
+        self.__dict__["config"] = model.config
+        self.rotary = base.rotary_emb
+        self.embed = base.embed_tokens if first else None
+        self.layers = nn.ModuleList([decoder_layers(model)[i] for i in layers])
+        self.norm = base.norm if last else None
+        self.head = _Head(model.lm_head) if last else None
+        self.loss_fn = None  # the trainer's, set per cycle (its N changes)
+
+    def forward(self, x, position_ids, labels):
+        from transformers.masking_utils import create_causal_mask
+
+        h = self.embed(x) if self.embed is not None else x
+        rotary = self.rotary(h, position_ids=position_ids)
+        # positional: the cache argument was renamed across transformers versions
+        mask = create_causal_mask(self.config, h, None, None, position_ids)
+        for layer in self.layers:
+            h = layer(h, attention_mask=mask, position_embeddings=rotary, position_ids=position_ids)
+        if self.norm is None:
+            return h
+        batch = {"hidden_states": self.norm(h), "labels": labels}
+        # (1,), not 0-dim: the schedule may concatenate the K outputs
+        return self.loss_fn(self.head, batch).reshape(1)
+
+
+def _pad(batch: dict, seq_len: int) -> dict:
+    """Pad a micro-batch to data.seq_len: receive buffers are sized by the first step (a causal
+    model: padding after the real tokens changes none of their outputs; labels ignore it)."""
+    fill = {"input_ids": 0, "labels": IGNORE_INDEX, "position_ids": 0}
+    n = seq_len - batch["input_ids"].shape[1]
+    if set(batch) != set(fill):
+        raise AssertionError(f"pipeline batch keys {sorted(batch)}")  # document_mask refused
+    return {k: torch.nn.functional.pad(v, (0, n), value=fill[k]) for k, v in batch.items()}
+
+
+class PipelineBackend(TorchBackend):
+    name = "ddp"
+    grads_to_none = True
+
+    def __init__(self, cfg, make_model, device: torch.device, world: int):
+        from torch.distributed import pipelining
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from gradcycle.backends.fsdp import materialise
+        from gradcycle.telemetry import CommCounter
+
+        b = cfg.backend
+        self.sync, self.pp, self.v, self.seq_len = "per_cycle", b.pp, b.pp_virtual, cfg.data.seq_len
+        self.dp = world // self.pp
+        self.mesh = init_device_mesh(device.type, (self.pp, self.dp), mesh_dim_names=("pp", "dp"))
+        self.pp_group, self.dp_group = self.mesh.get_group("pp"), self.mesh.get_group("dp")
+        self.pp_rank = dist.get_rank() // self.dp
+        n_stages = self.pp * self.v
+        self.stage_ids = [self.pp_rank + c * self.pp for c in range(self.v)]
+        module = make_model("meta")
+        n_layers = len(decoder_layers(module))
+        if n_layers % n_stages:
+            raise ValueError(f"{n_layers} decoder layers do not split into {n_stages} equal "
+                             "stages: choose backend.pp x backend.pp_virtual dividing them")  # fmt: skip
+        spans = {s: stage_layers(n_layers, n_stages, s) for s in self.stage_ids}
+        owned = [i for s in self.stage_ids for i in spans[s]]
+        prune(module, owned, 0 in self.stage_ids, n_stages - 1 in self.stage_ids)
+        with CommCounter.instance().suspended():
+            materialise(module, cfg.model, cfg.seed, device)  # this rank's weights, by name
+        self.stages = [StageModule(module, spans[s], s == 0, s == n_stages - 1)
+                       for s in self.stage_ids]  # fmt: skip
+        self.pipe = [pipelining.PipelineStage(m, s, n_stages, device, group=self.pp_group)
+                     for m, s in zip(self.stages, self.stage_ids, strict=True)]  # fmt: skip
+        self._schedule_cls = getattr(pipelining, SCHEDULES[b.pp_schedule])
+        self._schedules: dict[int, object] = {}  # by K (a schedule is built for one K)
+        self.has_first = 0 in self.stage_ids
+        super().__init__(cfg, module, module, device, world)
+
+    def _schedule(self, k: int):
+        if k not in self._schedules:
+            one = self._schedule_cls.__name__ in ("ScheduleGPipe", "Schedule1F1B")
+            self._schedules[k] = self._schedule_cls(
+                self.pipe[0] if one else self.pipe, n_microbatches=k,
+                loss_fn=lambda out, _target: out.sum(), scale_grads=False,
+            )  # fmt: skip
+        return self._schedules[k]
+
+    def run_cycle(self, micro_batches, loss_fn, at_micro=None) -> torch.Tensor:
+        # A schedule interleaves all K micro-batches (stage 0 starts micro-batch k+1 while the
+        # others work on k), so it needs them up front: the streamed loader's K are taken here.
+        regions, batches = [], []
+        for k, batch in enumerate(micro_batches):
+            regions.append(at_micro(k) if at_micro is not None else contextlib.nullcontext())
+            batches.append(_pad(batch, self.seq_len))
+        whole = {key: torch.cat([mb[key] for mb in batches]) for key in batches[0]}
+        for stage in self.stages:
+            stage.loss_fn = loss_fn
+        losses: list = []
+        args = (whole["input_ids"],) if self.has_first else ()
+        with regions[0], self._autocast():
+            self._schedule(len(batches)).step(
+                *args, target=whole["labels"], losses=losses,
+                position_ids=whole["position_ids"], labels=whole["labels"],
+            )  # fmt: skip
+        self._reduce_data_parallel()
+        if not losses:  # not the last stage: its loss is counted where it is computed
+            return torch.zeros((), device=self.device)
+        return torch.stack([x.detach().reshape(()) for x in losses]).sum()
+
+    def _reduce_data_parallel(self) -> None:
+        """SUM (the loss is already normalised by the whole cycle's N) across replicas, once."""
+        if self.dp == 1:
+            return
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=self.dp_group)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def _clip(self, max_norm: float) -> torch.Tensor:
+        """The norm over all stages (each parameter lives on one stage; replicas are equal)."""
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        local = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else None
+        sq = (local.double() ** 2) if local is not None else torch.zeros((), dtype=torch.float64)
+        sq = sq.to(self.device).reshape(1)
+        dist.all_reduce(sq, group=self.pp_group)
+        norm = sq.sqrt().reshape(())
+        if max_norm > 0 and params:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm.float())
+        return norm
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict, loss_fn) -> torch.Tensor:
+        """Forward only, stage by stage in order (point-to-point over the pp group)."""
+        batch = _pad({k: v.to(self.device) for k, v in batch.items()}, self.seq_len)
+        h, loss = None, torch.zeros((), device=self.device)
+        ranks = dist.get_process_group_ranks(self.pp_group)
+        n_stages = self.pp * self.v
+        shape = (*batch["input_ids"].shape, self.module.config.hidden_size)
+        for s in range(n_stages):
+            owner, nxt = s % self.pp, (s + 1) % self.pp
+            if owner == self.pp_rank:
+                stage = self.stages[self.stage_ids.index(s)]
+                stage.loss_fn = loss_fn
+                with self._autocast():
+                    out = stage(batch["input_ids"] if s == 0 else h, batch["position_ids"],
+                                batch["labels"])  # fmt: skip
+                if s == n_stages - 1:
+                    loss = out.reshape(())
+                elif nxt != owner:
+                    dist.send(out.float().contiguous(), ranks[nxt], group=self.pp_group)
+                else:
+                    h = out
+            elif nxt == self.pp_rank and s < n_stages - 1:
+                h = torch.empty(shape, dtype=torch.float32, device=self.device)
+                dist.recv(h, ranks[owner], group=self.pp_group)
+        return loss
+
+    def _dcp_state(self) -> dict:
+        # Flattened optimizer state: keyed by parameter names, which are unique across stages
+        # (the nested default numbers parameters per rank, and stages collide).
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        options = StateDictOptions(flatten_optimizer_state_dict=True)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=options)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def sync_plan(self, k: int) -> SyncPlan:
+        bubble = (self.pp - 1) / (self.v * k + self.pp - 1)
+        rows = [("pipeline schedule", f"{self.cfg.backend.pp_schedule}, {self.pp} stages x "
+                 f"{self.v} per rank, K={k} micro-batches, bubble {bubble:.1%}"),
+                ("activations sent per micro-batch", f"{self.pp * self.v - 1} stage boundaries")]  # fmt: skip
+        if self.dp > 1:
+            rows.append(("gradient all-reduce (flat, per stage)", "1x per cycle across dp"))
+        rows.append(("grad-norm all-reduce across stages", "1x per cycle"))
+        return SyncPlan(policy="per_cycle", rows=rows, extra_memory="see planner/pipeline.py",
+                        note=f"mesh pp={self.pp} x dp={self.dp}")  # fmt: skip
