@@ -9,6 +9,7 @@ from multiproc import run_on_ranks
 
 from gradcycle.backends.pipeline import check_plan, stage_layers
 from gradcycle.config import validate
+from gradcycle.planner import pipeline as plan_pp
 
 # K = 8 / (2 x dp) micro-batches: 4 on pp=2 (dp=1); ragged documents padded per micro-batch
 BASE = [*RAGGED, "train.global_batch_size=8", "train.micro_batch_size=2", "train.max_steps=3",
@@ -30,6 +31,10 @@ def test_pipelined_steps_equal_one_process_for_every_schedule(tmp_path):
     names = list(SCHEDULES)
     jobs = [(str(tmp_path / n), [*BASE, "backend.pp=2", *SCHEDULES[n]]) for n in names]
     results = dict(zip(names, run_on_ranks(rank_train, 2, args=(jobs,))[0], strict=True))
+    # pp=2 x dp=2: K = 2 per replica, the replicas' stage gradients summed once per cycle
+    names.append("1f1b pp2 x dp2")
+    job = [(str(tmp_path / "ppdp"), [*BASE, "backend.pp=2", "backend.pp_schedule=1f1b"])]
+    results[names[-1]] = run_on_ranks(rank_train, 4, args=(job,))[0][0]
     for name in names:
         steps = results[name]
         assert not isinstance(steps, list) or len(steps) == 3, steps
@@ -38,7 +43,7 @@ def test_pipelined_steps_equal_one_process_for_every_schedule(tmp_path):
             # the cycle's normaliser: the targets of the one data-parallel slice, not pp x them
             assert got["target_tokens"] == want["target_tokens"]
             assert got["tokens"] == want["tokens"]
-            assert got["accumulation_steps"] == want["accumulation_steps"] == 4
+            assert got["accumulation_steps"] == (2 if "dp2" in name else 4)
             assert _rel(got["loss"], want["loss"]) < 1e-5, (name, got["loss"], want["loss"])
             assert _rel(got["grad_norm"], want["grad_norm"]) < 1e-5, (name, got, want)
 
@@ -76,3 +81,20 @@ def test_plan_checks_k_and_world():
         check_plan(cfg, 9, 4)  # rounds = 9 // 4 = 2 does not divide 9
     check_plan(cfg, 10, 4)
     assert list(stage_layers(8, 4, 3)) == [6, 7]
+
+
+def test_planner_bubble_and_stage_memory_by_hand():
+    # p=4, K=8: GPipe/1F1B idle 3 of 11 slots; interleaved v=2: 3 of 19
+    assert plan_pp.bubble_fraction(4, 8) == pytest.approx(3 / 11)
+    assert plan_pp.bubble_fraction(4, 8, v=2) == pytest.approx(3 / 19)
+    assert plan_pp.step_time(8.0, 4, 8) == pytest.approx(11.0)
+    # GPipe holds all K micro-batches on every stage; 1F1B holds p - s (stage 0: p, any K)
+    assert [plan_pp.in_flight("gpipe", 4, 8, s) for s in range(4)] == [8, 8, 8, 8]
+    assert [plan_pp.in_flight("1f1b", 4, 8, s) for s in range(4)] == [4, 3, 2, 1]
+    assert plan_pp.in_flight("1f1b", 4, 64, 0) == 4 and plan_pp.in_flight("1f1b", 4, 2, 0) == 2
+    # interleaved, p=4 v=2 K=8: rounds 2, 4 per round: stage 0 warms up (2-1)*4 + 2*3 = 10, +1
+    assert plan_pp.in_flight("interleaved_1f1b", 4, 8, 0, v=2) == 11
+    assert plan_pp.in_flight("interleaved_1f1b", 4, 8, 3, v=2) == 5
+    stages = plan_pp.stage_plans("1f1b", 4, 8, 1, n_layers=32, layer_bytes=100.0)
+    assert [(s.layers, s.in_flight, s.activation_bytes) for s in stages] == [
+        (8, 4, 3200.0), (8, 3, 2400.0), (8, 2, 1600.0), (8, 1, 800.0)]  # fmt: skip
