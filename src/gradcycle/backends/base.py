@@ -84,6 +84,11 @@ class Backend:
     def sync_plan(self, k: int) -> SyncPlan:
         raise NotImplementedError
 
+    def whole_model(self) -> nn.Module:
+        """A module with every parameter of the model (its shapes are what checkpoints record):
+        `module`, except where each rank holds only a part (pipeline stages)."""
+        return self.module
+
     # -- checkpoint / export (all collective: every rank calls them) -----------------------
     def save_state(self, path) -> None:
         """Write model + optimizer (+ scaler) state, sharded, into directory `path`."""

@@ -236,6 +236,7 @@ class PipelineBackend(TorchBackend):
         self.pp_rank = dist.get_rank() // self.dp
         n_stages = self.pp * self.v
         self.stage_ids = [self.pp_rank + c * self.pp for c in range(self.v)]
+        self._whole = make_model("meta")  # shapes only (checkpoint metadata): nothing allocated
         module = make_model("meta")
         n_layers = len(decoder_layers(module))
         if n_layers % n_stages:
@@ -336,6 +337,9 @@ class PipelineBackend(TorchBackend):
                 h = torch.empty(shape, dtype=torch.float32, device=self.device)
                 dist.recv(h, ranks[owner], group=self.pp_group)
         return loss
+
+    def whole_model(self) -> nn.Module:
+        return self._whole
 
     def _dcp_state(self) -> dict:
         # Flattened optimizer state: keyed by parameter names, which are unique across stages
