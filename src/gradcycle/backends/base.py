@@ -132,6 +132,14 @@ def build_optimizer(params, optim_cfg, lr: float) -> torch.optim.Optimizer:
     )
 
 
+def _nested_optimizer_state(path) -> bool:
+    """A checkpoint written before the optimizer state was flattened (param_groups by index)."""
+    from gradcycle.safe_load import dcp_reader
+
+    keys = dcp_reader(path).read_metadata().state_dict_metadata
+    return any(k.startswith("optim.param_groups.0.") for k in keys)
+
+
 def _step_unless(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
     """optimizer.step(), skipped on the device where `found_inf` is true: a fused optimizer
     (`_step_supports_amp_scaling`) reads `optimizer.found_inf` and `grad_scale` as GradScaler.step
@@ -235,10 +243,14 @@ class TorchBackend(Backend):
     # Model and optimizer state are keyed by the plain model's parameter names whatever the
     # wrapper (DDP, FSDP2 shards as DTensors), so DCP reshards on load: a checkpoint written on
     # W ranks loads on any other number of ranks, and on ddp as well as fsdp/hsdp.
-    def _dcp_state(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+    def _dcp_state(self, flat: bool = True) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        # The optimizer state keyed by parameter name (flattened), so it loads on whichever rank
+        # holds a parameter: the nested form numbers parameters per rank, which collides across
+        # pipeline stages (backend.pp) and keeps pp=1 and pp>1 from resuming each other.
+        options = StateDictOptions(flatten_optimizer_state_dict=flat)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=options)
         return {"model": model_sd, "optim": optim_sd}
 
     def save_state(self, path) -> None:
@@ -259,7 +271,7 @@ class TorchBackend(Backend):
 
         from gradcycle.safe_load import dcp_load
 
-        state = self._dcp_state()
+        state = self._dcp_state(flat=not _nested_optimizer_state(path))
         dcp_load(state, path, no_dist=not dist.is_initialized())
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])  # fmt: skip

@@ -341,15 +341,6 @@ class PipelineBackend(TorchBackend):
     def whole_model(self) -> nn.Module:
         return self._whole
 
-    def _dcp_state(self) -> dict:
-        # Flattened optimizer state: keyed by parameter names, which are unique across stages
-        # (the nested default numbers parameters per rank, and stages collide).
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        options = StateDictOptions(flatten_optimizer_state_dict=True)
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=options)
-        return {"model": model_sd, "optim": optim_sd}
-
     def sync_plan(self, k: int) -> SyncPlan:
         bubble = (self.pp - 1) / (self.v * k + self.pp - 1)
         rows = [("pipeline schedule", f"{self.cfg.backend.pp_schedule}, {self.pp} stages x "
