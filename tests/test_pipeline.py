@@ -1,5 +1,6 @@
 """backend.pp: a pipelined cycle is the same big batch as one process (ragged data, 3 steps),
-for each schedule; validation refuses what pp does not support, before any process group."""
+for each schedule and pp x dp; checkpoints resume across pp sizes; the planner's arithmetic;
+validation refuses what pp does not support, before any process group."""
 
 from __future__ import annotations
 
@@ -27,10 +28,25 @@ def _rel(a: float, b: float) -> float:
 
 
 def test_pipelined_steps_equal_one_process_for_every_schedule(tmp_path):
-    reference = train_steps(tmp_path / "ref", BASE)
+    reference = train_steps(tmp_path / "ref", [*BASE, "checkpoint.every=2"])
     names = list(SCHEDULES)
-    jobs = [(str(tmp_path / n), [*BASE, "backend.pp=2", *SCHEDULES[n]]) for n in names]
-    results = dict(zip(names, run_on_ranks(rank_train, 2, args=(jobs,))[0], strict=True))
+    jobs = [(str(tmp_path / n), [*BASE, "backend.pp=2", *SCHEDULES[n], "checkpoint.every=2"])
+            for n in names]  # fmt: skip
+    # pp=1 -> pp=2: the one-process checkpoint of step 2 resumes on the pipeline (same names)
+    jobs.append((str(tmp_path / "from-pp1"), [*BASE, "backend.pp=2",
+                                               f"resume={tmp_path}/ref/checkpoints/step_2"]))  # fmt: skip
+    out = run_on_ranks(rank_train, 2, args=(jobs,))[0]
+    results = dict(zip(names, out, strict=False))
+    from_pp1 = out[-1]
+    # pp=2 -> pp=1: the pipeline's checkpoint of step 2 resumes in one process
+    from_pp2 = train_steps(
+        tmp_path / "from-pp2", [*BASE, f"resume={tmp_path}/1f1b/checkpoints/step_2"]
+    )
+    for resumed in (from_pp1, from_pp2):
+        assert isinstance(resumed, list), resumed.text
+        assert [r["step"] for r in resumed] == [3]
+        assert _rel(resumed[0]["loss"], reference[2]["loss"]) < 1e-5, (resumed, reference[2])
+        assert _rel(resumed[0]["grad_norm"], reference[2]["grad_norm"]) < 1e-5
     # pp=2 x dp=2: K = 2 per replica, the replicas' stage gradients summed once per cycle
     names.append("1f1b pp2 x dp2")
     job = [(str(tmp_path / "ppdp"), [*BASE, "backend.pp=2", "backend.pp_schedule=1f1b"])]
