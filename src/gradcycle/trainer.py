@@ -145,7 +145,8 @@ def _run(cfg, env, nodes: int) -> dict:
         for line in startup_plan.lines(cfg, make_model("meta"), env.world_size):
             print(line, flush=True)
     backend = build_backend(cfg, make_model, device, env.world_size, run_dir)
-    n_params = count_params(backend.module)
+    whole = backend.whole_model()  # every parameter (a pipeline rank holds one stage)
+    n_params = count_params(whole)
     state = State()
     faults = Faults.from_env(env.rank)  # test-only fault injection (GRADCYCLE_FAULT); else no-op
     ckpt = checkpoint.Checkpointer(
@@ -174,8 +175,8 @@ def _run(cfg, env, nodes: int) -> dict:
     sink = MetricsSink(run_dir, cfg, env.is_main, OmegaConf.to_container(cfg, resolve=True))
     # this rank's micro-batches from global batch `state.step` on, computed ahead by workers
     loader = train_loader(cfg, data, plan, data_env, device, start=state.step, model=backend.module)
-    recomputed = checkpointed_layers(len(decoder_layers(backend.module)), ac.mode, ac.every)
-    fpt = flops_per_token(backend.module, cfg.data.seq_len, recomputed)  # (model, hardware)
+    recomputed = checkpointed_layers(len(decoder_layers(whole)), ac.mode, ac.every)
+    fpt = flops_per_token(whole, cfg.data.seq_len, recomputed)  # (model, hardware)
     profiler = StepProfiler(cfg.profile, cfg.profile_steps, run_dir, env.rank, device)
     progress = _progress(cfg, env, state.step)
     stop = StopSignal.install()

@@ -349,5 +349,11 @@ class PipelineBackend(TorchBackend):
         if self.dp > 1:
             rows.append(("gradient all-reduce (flat, per stage)", "1x per cycle across dp"))
         rows.append(("grad-norm all-reduce across stages", "1x per cycle"))
-        return SyncPlan(policy="per_cycle", rows=rows, extra_memory="see planner/pipeline.py",
+        from gradcycle.planner.pipeline import in_flight
+
+        schedule = self.cfg.backend.pp_schedule
+        held = in_flight(schedule, self.pp, k, self.pp_rank, self.v)
+        extra = (f"stage {self.pp_rank} holds {held} micro-batch x stage activations at its peak "
+                 f"({schedule}; planner/pipeline.py)")  # fmt: skip
+        return SyncPlan(policy="per_cycle", rows=rows, extra_memory=extra,
                         note=f"mesh pp={self.pp} x dp={self.dp}")  # fmt: skip
