@@ -42,6 +42,8 @@ def test_pipelined_steps_equal_one_process_for_every_schedule(tmp_path):
     from_pp2 = train_steps(
         tmp_path / "from-pp2", [*BASE, f"resume={tmp_path}/1f1b/checkpoints/step_2"]
     )
+    _export_loads_with_equal_logits(tmp_path / "1f1b/checkpoints/step_3",
+                                    tmp_path / "ref/checkpoints/step_3")  # fmt: skip
     for resumed in (from_pp1, from_pp2):
         assert isinstance(resumed, list), resumed.text
         assert [r["step"] for r in resumed] == [3]
@@ -62,6 +64,20 @@ def test_pipelined_steps_equal_one_process_for_every_schedule(tmp_path):
             assert got["accumulation_steps"] == (2 if "dp2" in name else 4)
             assert _rel(got["loss"], want["loss"]) < 1e-5, (name, got["loss"], want["loss"])
             assert _rel(got["grad_norm"], want["grad_norm"]) < 1e-5, (name, got, want)
+
+
+def _export_loads_with_equal_logits(pipelined, single) -> None:
+    """HF export of a pp=2 checkpoint: from_pretrained loads it; logits equal pp=1's export."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from gradcycle.export import export
+
+    a, b = (AutoModelForCausalLM.from_pretrained(str(export(d, d.parent / f"hf-{d.parent.parent.name}")))
+            for d in (pipelined, single))  # fmt: skip
+    x = torch.randint(0, a.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    la, lb = a(x).logits, b(x).logits
+    assert float((la - lb).abs().max() / lb.abs().max()) < 1e-5
 
 
 @pytest.mark.parametrize(

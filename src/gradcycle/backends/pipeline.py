@@ -341,6 +341,15 @@ class PipelineBackend(TorchBackend):
     def whole_model(self) -> nn.Module:
         return self._whole
 
+    def full_state_dict(self) -> dict | None:
+        """Every stage's tensors merged on rank 0 (names are unique across stages)."""
+        local = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(local, parts, dst=0)
+        if parts is None:
+            return None
+        return {k: v for part in parts for k, v in part.items()}
+
     def sync_plan(self, k: int) -> SyncPlan:
         bubble = (self.pp - 1) / (self.v * k + self.pp - 1)
         rows = [("pipeline schedule", f"{self.cfg.backend.pp_schedule}, {self.pp} stages x "
