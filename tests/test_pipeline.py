@@ -49,10 +49,18 @@ def test_pipelined_steps_equal_one_process_for_every_schedule(tmp_path):
         assert [r["step"] for r in resumed] == [3]
         assert _rel(resumed[0]["loss"], reference[2]["loss"]) < 1e-5, (resumed, reference[2])
         assert _rel(resumed[0]["grad_norm"], reference[2]["grad_norm"]) < 1e-5
-    # pp=2 x dp=2: K = 2 per replica, the replicas' stage gradients summed once per cycle
-    names.append("1f1b pp2 x dp2")
-    job = [(str(tmp_path / "ppdp"), [*BASE, "backend.pp=2", "backend.pp_schedule=1f1b"])]
-    results[names[-1]] = run_on_ranks(rank_train, 4, args=(job,))[0][0]
+    # pp=2 x dp=2: K = 2 per replica; ddp: the replicas' stage gradients summed once per cycle,
+    # fsdp: each stage sharded over its replicas, reduce-scattered once per step (the stage's)
+    four = {"1f1b pp2 x dp2": [], "1f1b pp2 x fsdp2": ["backend=fsdp"],
+            "fsdp K=4": ["backend=fsdp", "train.global_batch_size=16"]}  # fmt: skip
+    jobs = [(str(tmp_path / f"four{i}"), [*BASE, "backend.pp=2", *o])
+            for i, o in enumerate(four.values())]  # fmt: skip
+    out = run_on_ranks(rank_train, 4, args=(jobs,))[0]
+    results.update(zip(list(four)[:2], out[:2], strict=True))
+    names += list(four)[:2]
+    # reduce-scatters per step do not grow with K (3 units per rank: a layer pair's 2 + the root)
+    scatters = [[r["comm"]["reduce_scatter"]["calls"] for r in o] for o in (out[1], out[2])]
+    assert scatters == [[3, 3, 3], [3, 3, 3]], scatters
     for name in names:
         steps = results[name]
         assert not isinstance(steps, list) or len(steps) == 3, steps
@@ -61,7 +69,7 @@ def test_pipelined_steps_equal_one_process_for_every_schedule(tmp_path):
             # the cycle's normaliser: the targets of the one data-parallel slice, not pp x them
             assert got["target_tokens"] == want["target_tokens"]
             assert got["tokens"] == want["tokens"]
-            assert got["accumulation_steps"] == (2 if "dp2" in name else 4)
+            assert got["accumulation_steps"] == (2 if "2 x " in name else 4)
             assert _rel(got["loss"], want["loss"]) < 1e-5, (name, got["loss"], want["loss"])
             assert _rel(got["grad_norm"], want["grad_norm"]) < 1e-5, (name, got, want)
 
@@ -76,7 +84,8 @@ def _export_loads_with_equal_logits(pipelined, single) -> None:
     a, b = (AutoModelForCausalLM.from_pretrained(str(export(d, d.parent / f"hf-{d.parent.parent.name}")))
             for d in (pipelined, single))  # fmt: skip
     x = torch.randint(0, a.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    la, lb = a(x).logits, b(x).logits
+    with torch.no_grad():
+        la, lb = a(x).logits, b(x).logits
     assert float((la - lb).abs().max() / lb.abs().max()) < 1e-5
 
 
@@ -84,7 +93,7 @@ def _export_loads_with_equal_logits(pipelined, single) -> None:
     "overrides, message",
     [
         (["backend.pp=2", "backend=zero2"], "PipelineModule"),
-        (["backend.pp=2", "backend=fsdp"], "FSDP2 inside pipeline stages"),
+        (["backend.pp=2", "backend=hsdp"], "hsdp inside pipeline stages"),
         (["backend.pp=2", "backend.pp_schedule=zbv"], "zero-bubble"),
         (["backend.pp=2", "backend.pp_schedule=nope"], "choose one of"),
         (["backend.pp=2", "backend.pp_schedule=interleaved_1f1b"], "pp_virtual=2"),

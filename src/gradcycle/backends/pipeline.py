@@ -16,10 +16,14 @@ replaced by parameterless placeholders (same ModuleList indices) and the embeddi
 set to None where not owned, so state-dict keys are the pp=1 model's and seeded init draws the
 same weights (gradcycle.weights.init draws by name).
 
+Across the dp replicas of a stage: backend=ddp sums its gradients in one flat all-reduce per
+cycle; backend=fsdp shards it (FSDP2 unit per layer, the stage's rest its root), and the stage
+reduce-scatters once per step whatever K (PipelineStage turns gradient sync off per micro-batch).
+
 Supported: Llama-family decoders (embed_tokens / layers / norm / rotary_emb / lm_head), untied
-embeddings, backend=ddp, schedules gpipe | 1f1b | interleaved_1f1b | looped_bfs. Refused with a
-message: fsdp/hsdp inside stages, zero*, tied embeddings, zero-bubble schedules (their separate
-weight-gradient pass re-enters the chunked loss), fp16, document masking.
+embeddings, schedules gpipe | 1f1b | interleaved_1f1b | looped_bfs. Refused with a message: hsdp
+inside stages, zero*, tied embeddings, zero-bubble schedules (their separate weight-gradient pass
+re-enters the chunked loss), fp16, document masking.
 """
 
 from __future__ import annotations
@@ -62,11 +66,11 @@ def check_config(cfg) -> None:
             "weight-gradient pass that gradcycle's chunked loss and stage split do not support "
             "yet; use backend.pp_schedule=1f1b, gpipe, interleaved_1f1b or looped_bfs"
         )
-    if b.name != "ddp":
+    if b.name not in ("ddp", "fsdp"):
         why = ("DeepSpeed's own pipeline needs its PipelineModule and ZeRO <= 1"
-               if b.name.startswith("zero") else "FSDP2 inside pipeline stages is not built yet")  # fmt: skip
-        raise ValueError(f"backend.pp={b.pp} with backend={b.name}: {why}; use backend=ddp "
-                         "(data parallel across pipeline replicas) or backend.pp=1")  # fmt: skip
+               if b.name.startswith("zero") else "hsdp inside pipeline stages is not built yet")  # fmt: skip
+        raise ValueError(f"backend.pp={b.pp} with backend={b.name}: {why}; use backend=ddp or "
+                         "backend=fsdp (across the pipeline replicas), or backend.pp=1")  # fmt: skip
     if b.pp_schedule in MULTI and b.pp_virtual < 2:
         raise ValueError(f"backend.pp_schedule={b.pp_schedule} runs several stages per rank: "
                          "set backend.pp_virtual=2 (or more), or use backend.pp_schedule=1f1b")  # fmt: skip
@@ -188,7 +192,8 @@ class StageModule(nn.Module):
         self.embed = base.embed_tokens if first else None
         self.layers = nn.ModuleList([decoder_layers(model)[i] for i in layers])
         self.norm = base.norm if last else None
-        self.head = _Head(model.lm_head) if last else None
+        self.lm_head = model.lm_head if last else None  # registered: a stage parameter
+        self.__dict__["head"] = _Head(model.lm_head) if last else None  # the loss's view of it
         self.loss_fn = None  # the trainer's, set per cycle (its N changes)
 
     def forward(self, x, position_ids, labels):
@@ -245,15 +250,29 @@ class PipelineBackend(TorchBackend):
         spans = {s: stage_layers(n_layers, n_stages, s) for s in self.stage_ids}
         owned = [i for s in self.stage_ids for i in spans[s]]
         prune(module, owned, 0 in self.stage_ids, n_stages - 1 in self.stage_ids)
-        with CommCounter.instance().suspended():
-            materialise(module, cfg.model, cfg.seed, device)  # this rank's weights, by name
         self.stages = [StageModule(module, spans[s], s == 0, s == n_stages - 1)
                        for s in self.stage_ids]  # fmt: skip
+        self.fsdp, self.name = b.name == "fsdp", b.name
+        if self.fsdp:  # on meta: each layer a unit over the dp ranks, each stage's rest a root
+            from torch.distributed.fsdp import fully_shard
+
+            from gradcycle.backends.fsdp import mp_policy
+
+            self.mp = mp_policy(cfg.precision, b.reduce_dtype)
+            for stage in self.stages:
+                for layer in stage.layers:
+                    fully_shard(layer, mesh=self.mesh["dp"], mp_policy=self.mp)
+                fully_shard(stage, mesh=self.mesh["dp"], mp_policy=self.mp)
+        with CommCounter.instance().suspended():
+            materialise(module, cfg.model, cfg.seed, device)  # this rank's weights, by name
         self.pipe = [pipelining.PipelineStage(m, s, n_stages, device, group=self.pp_group)
                      for m, s in zip(self.stages, self.stage_ids, strict=True)]  # fmt: skip
         self._schedule_cls = getattr(pipelining, SCHEDULES[b.pp_schedule])
         self._schedules: dict[int, object] = {}  # by K (a schedule is built for one K)
         self.has_first = 0 in self.stage_ids
+        # FSDP averages gradients over the dp ranks; the loss is already normalised by the
+        # whole cycle's N, so its backward is scaled back into a sum (and the logged loss not).
+        self.loss_scale = float(self.dp) if self.fsdp else 1.0
         super().__init__(cfg, module, module, device, world)
 
     def _schedule(self, k: int):
@@ -261,7 +280,7 @@ class PipelineBackend(TorchBackend):
             one = self._schedule_cls.__name__ in ("ScheduleGPipe", "Schedule1F1B")
             self._schedules[k] = self._schedule_cls(
                 self.pipe[0] if one else self.pipe, n_microbatches=k,
-                loss_fn=lambda out, _target: out.sum(), scale_grads=False,
+                loss_fn=lambda out, _target: out.sum() * self.loss_scale, scale_grads=False,
             )  # fmt: skip
         return self._schedules[k]
 
@@ -285,11 +304,11 @@ class PipelineBackend(TorchBackend):
         self._reduce_data_parallel()
         if not losses:  # not the last stage: its loss is counted where it is computed
             return torch.zeros((), device=self.device)
-        return torch.stack([x.detach().reshape(()) for x in losses]).sum()
+        return torch.stack([x.detach().reshape(()) for x in losses]).sum() / self.loss_scale
 
     def _reduce_data_parallel(self) -> None:
         """SUM (the loss is already normalised by the whole cycle's N) across replicas, once."""
-        if self.dp == 1:
+        if self.dp == 1 or self.fsdp:  # FSDP: reduce-scattered by the stage, once per step
             return
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -303,6 +322,8 @@ class PipelineBackend(TorchBackend):
         """The norm over all stages (each parameter lives on one stage; replicas are equal)."""
         params = [p for p in self.module.parameters() if p.grad is not None]
         local = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else None
+        if hasattr(local, "full_tensor"):  # FSDP shards: the norm over the dp ranks
+            local = local.full_tensor()
         sq = (local.double() ** 2) if local is not None else torch.zeros((), dtype=torch.float64)
         sq = sq.to(self.device).reshape(1)
         dist.all_reduce(sq, group=self.pp_group)
@@ -336,14 +357,25 @@ class PipelineBackend(TorchBackend):
             elif nxt == self.pp_rank and s < n_stages - 1:
                 h = torch.empty(shape, dtype=torch.float32, device=self.device)
                 dist.recv(h, ranks[owner], group=self.pp_group)
+        if self.fsdp:  # a no-grad forward keeps the roots gathered: start the next cycle sharded
+            for stage in self.stages:
+                for unit in (*stage.layers, stage):
+                    unit.reshard()
         return loss
+
+    def _params_in_low_precision(self) -> bool:
+        return self.fsdp and self.mp.param_dtype is not None  # FSDP2 casts: no autocast
 
     def whole_model(self) -> nn.Module:
         return self._whole
 
     def full_state_dict(self) -> dict | None:
         """Every stage's tensors merged on rank 0 (names are unique across stages)."""
-        local = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # full tensors on every rank (FSDP: gathered over dp), then every stage's to rank 0
+        sd = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True))
+        local = {k: v.detach().cpu() for k, v in sd.items()}
         parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(local, parts, dst=0)
         if parts is None:
@@ -355,7 +387,11 @@ class PipelineBackend(TorchBackend):
         rows = [("pipeline schedule", f"{self.cfg.backend.pp_schedule}, {self.pp} stages x "
                  f"{self.v} per rank, K={k} micro-batches, bubble {bubble:.1%}"),
                 ("activations sent per micro-batch", f"{self.pp * self.v - 1} stage boundaries")]  # fmt: skip
-        if self.dp > 1:
+        if self.dp > 1 and self.fsdp:
+            units = sum(len(st.layers) + 1 for st in self.stages)
+            rows.append(("gradient reduce-scatter", f"{units}x per cycle (once per unit)"))
+            rows.append(("parameter all-gather", "per micro-batch and unit (FSDP2's default)"))
+        elif self.dp > 1:
             rows.append(("gradient all-reduce (flat, per stage)", "1x per cycle across dp"))
         rows.append(("grad-norm all-reduce across stages", "1x per cycle"))
         from gradcycle.planner.pipeline import in_flight
