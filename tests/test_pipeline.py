@@ -8,7 +8,8 @@ import pytest
 from conftest import RAGGED, TINY, compose, rank_train, train_steps
 from multiproc import run_on_ranks
 
-from gradcycle.backends.pipeline import check_plan, stage_layers
+from gradcycle.backends.pipeline import stage_layers
+from gradcycle.backends.pipeline_checks import check_plan
 from gradcycle.config import validate
 from gradcycle.planner import pipeline as plan_pp
 

@@ -381,7 +381,7 @@ def validate(cfg: Any, this_machine: bool = True) -> None:
         )
     _one_of("loss.impl", cfg.loss.impl, ("chunked", "full", "liger"))
     _positive("loss.chunk_tokens", cfg.loss.chunk_tokens)
-    from gradcycle.backends.pipeline import check_config as check_pipeline
+    from gradcycle.backends.pipeline_checks import check_config as check_pipeline
 
     check_pipeline(cfg)  # backend.pp*: schedules, stages, what pp does not support yet
     if cfg.loss.impl == "liger":

@@ -37,7 +37,8 @@ def data_parallel_env(cfg, env):
         return env
     import dataclasses
 
-    from gradcycle.backends.pipeline import check_plan, data_parallel
+    from gradcycle.backends.pipeline import data_parallel
+    from gradcycle.backends.pipeline_checks import check_plan
 
     check_plan(cfg, 1 << 30, env.world_size)  # the world splits into pp x dp (K: check_plan)
     rank, size = data_parallel(cfg.backend.pp, env.rank, env.world_size)
@@ -47,7 +48,7 @@ def data_parallel_env(cfg, env):
 def check_plan(cfg, k: int, world: int) -> None:
     """K micro-batches per cycle suit the backend (a pipeline schedule's rules)."""
     if cfg.backend.pp > 1:
-        from gradcycle.backends.pipeline import check_plan as check
+        from gradcycle.backends.pipeline_checks import check_plan as check
 
         check(cfg, k, world)
 

@@ -36,90 +36,9 @@ import torch.distributed as dist
 from torch import nn
 
 from gradcycle.backends.base import SyncPlan, TorchBackend
+from gradcycle.backends.pipeline_checks import SCHEDULES
 from gradcycle.data import IGNORE_INDEX
 from gradcycle.model import decoder_layers
-
-SCHEDULES = {  # backend.pp_schedule -> torch.distributed.pipelining class
-    "gpipe": "ScheduleGPipe",
-    "1f1b": "Schedule1F1B",
-    "interleaved_1f1b": "ScheduleInterleaved1F1B",
-    "looped_bfs": "ScheduleLoopedBFS",
-}
-MULTI = ("interleaved_1f1b", "looped_bfs")  # more than one stage per rank (pp_virtual > 1)
-NOT_YET = ("zbv", "dualpipev", "interleaved_zb")  # named by the config, refused (docstring)
-
-
-def check_config(cfg) -> None:
-    """backend.pp* rules that need no world size (config.validate calls this)."""
-    b = cfg.backend
-    if b.pp < 1 or b.pp_virtual < 1:
-        raise ValueError(f"backend.pp={b.pp} and backend.pp_virtual={b.pp_virtual} must be >= 1")
-    if b.pp == 1:
-        return
-    choices = (*SCHEDULES, *NOT_YET)
-    if b.pp_schedule not in choices:
-        raise ValueError(f"backend.pp_schedule={b.pp_schedule!r} is not valid: choose one of "
-                         f"{', '.join(choices)}")  # fmt: skip
-    if b.pp_schedule in NOT_YET:
-        raise ValueError(
-            f"backend.pp_schedule={b.pp_schedule}: zero-bubble schedules run a separate "
-            "weight-gradient pass that gradcycle's chunked loss and stage split do not support "
-            "yet; use backend.pp_schedule=1f1b, gpipe, interleaved_1f1b or looped_bfs"
-        )
-    if b.name not in ("ddp", "fsdp"):
-        why = ("DeepSpeed's own pipeline needs its PipelineModule and ZeRO <= 1"
-               if b.name.startswith("zero") else "hsdp inside pipeline stages is not built yet")  # fmt: skip
-        raise ValueError(f"backend.pp={b.pp} with backend={b.name}: {why}; use backend=ddp or "
-                         "backend=fsdp (across the pipeline replicas), or backend.pp=1")  # fmt: skip
-    if b.pp_schedule in MULTI and b.pp_virtual < 2:
-        raise ValueError(f"backend.pp_schedule={b.pp_schedule} runs several stages per rank: "
-                         "set backend.pp_virtual=2 (or more), or use backend.pp_schedule=1f1b")  # fmt: skip
-    if b.pp_schedule not in MULTI and b.pp_virtual != 1:
-        raise ValueError(f"backend.pp_virtual={b.pp_virtual} needs an interleaved schedule: use "
-                         "backend.pp_schedule=interleaved_1f1b or backend.pp_virtual=1")  # fmt: skip
-    stages = b.pp * b.pp_virtual
-    if cfg.model.config is None and cfg.model.pretrained is None:
-        layers = cfg.model.num_layers
-        if layers % stages:
-            raise ValueError(
-                f"model.num_layers={layers} does not split into backend.pp={b.pp} x "
-                f"backend.pp_virtual={b.pp_virtual} = {stages} equal stages: choose pp x "
-                f"pp_virtual dividing {layers}"
-            )
-        if cfg.model.tie_embeddings:
-            raise ValueError("model.tie_embeddings=true with backend.pp > 1: tied embeddings "
-                             "across stages are not supported yet; use backend.pp=1")  # fmt: skip
-    for bad, why in ((cfg.precision == "fp16", "precision=fp16 (its loss scaler would have to "
-                      "decide across stages): use precision=bf16"),
-                     (cfg.data.document_mask, "data.document_mask=true (per-document masks do "
-                      "not travel between stages yet): use data.document_mask=false"),
-                     (cfg.train.micro_batch_size == "auto", "train.micro_batch_size=auto (the "
-                      "planner does not size stages yet): give a number"),
-                     (cfg.backend.sync == "per_micro", "backend.sync=per_micro (the stage "
-                      "gradients are reduced once per cycle): use backend.sync=auto")):  # fmt: skip
-        if bad:
-            raise ValueError(f"backend.pp={b.pp} does not support {why}")
-
-
-def check_plan(cfg, k: int, world: int) -> None:
-    """The world splits into pp x dp, and K micro-batches suit the schedule. Before any process
-    group starts (the trainer calls this right after the batch plan)."""
-    b = cfg.backend
-    if b.pp == 1:
-        return
-    if world % b.pp:
-        raise ValueError(f"backend.pp={b.pp} does not divide the world size {world}: the mesh is "
-                         f"pp x dp; use a backend.pp dividing {world}")  # fmt: skip
-    if b.pp_schedule in ("1f1b", "interleaved_1f1b") and k < b.pp:
-        raise ValueError(
-            f"backend.pp_schedule={b.pp_schedule} needs K >= backend.pp={b.pp} micro-batches per "
-            f"cycle, got K={k}: raise train.global_batch_size or lower train.micro_batch_size "
-            "(K = global / (micro x data-parallel ranks))"
-        )
-    rounds = max(1, k // b.pp)
-    if b.pp_schedule == "interleaved_1f1b" and k % rounds:
-        raise ValueError(f"backend.pp_schedule=interleaved_1f1b needs K divisible by "
-                         f"max(1, K // pp) = {rounds}, got K={k}: use K a multiple of pp={b.pp}")  # fmt: skip
 
 
 def data_parallel(pp: int, rank: int, world: int) -> tuple[int, int]:
