@@ -140,3 +140,19 @@ def test_planner_bubble_and_stage_memory_by_hand():
     stages = plan_pp.stage_plans("1f1b", 4, 8, 1, n_layers=32, layer_bytes=100.0)
     assert [(s.layers, s.in_flight, s.activation_bytes) for s in stages] == [
         (8, 4, 3200.0), (8, 3, 2400.0), (8, 2, 1600.0), (8, 1, 800.0)]  # fmt: skip
+
+
+def test_model_config_architectures_are_checked_before_start(tmp_path):
+    from transformers import GPT2Config, LlamaConfig
+
+    GPT2Config(n_layer=4).save_pretrained(tmp_path / "gpt2")
+    LlamaConfig(num_hidden_layers=6, hidden_size=64, intermediate_size=128,
+                num_attention_heads=4).save_pretrained(tmp_path / "llama6")  # fmt: skip
+    LlamaConfig(num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                tie_word_embeddings=True).save_pretrained(tmp_path / "tied")  # fmt: skip
+    validate(compose([*TINY, f"model.config={tmp_path / 'llama6'}", "backend.pp=2",
+                      "backend.pp_schedule=interleaved_1f1b", "backend.pp_virtual=3"]))  # fmt: skip
+    for folder, message in (("gpt2", "model_type='gpt2'"), ("llama6", "has 6 layers"),
+                            ("tied", "ties its input")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            validate(compose([*TINY, f"model.config={tmp_path / folder}", "backend.pp=4"]))

@@ -43,6 +43,7 @@ def check_config(cfg) -> None:
         raise ValueError(f"backend.pp_virtual={b.pp_virtual} needs an interleaved schedule: use "
                          "backend.pp_schedule=interleaved_1f1b or backend.pp_virtual=1")  # fmt: skip
     stages = b.pp * b.pp_virtual
+    _check_architecture(cfg, stages)
     if cfg.model.config is None and cfg.model.pretrained is None:
         layers = cfg.model.num_layers
         if layers % stages:
@@ -85,3 +86,33 @@ def check_plan(cfg, k: int, world: int) -> None:
     if b.pp_schedule == "interleaved_1f1b" and k % rounds:
         raise ValueError(f"backend.pp_schedule=interleaved_1f1b needs K divisible by "
                          f"max(1, K // pp) = {rounds}, got K={k}: use K a multiple of pp={b.pp}")  # fmt: skip
+
+
+def _check_architecture(cfg, stages: int) -> None:
+    """model.config / a local model.pretrained: a Llama decoder (the stage split's shape), untied,
+    its layers splitting into equal stages. (A hub id is checked when the stages are built.)"""
+    import json
+    from pathlib import Path
+
+    m = cfg.model
+    if m.config is not None:
+        from gradcycle.model import architecture_config
+
+        config = architecture_config(m).to_dict()
+        where = f"model.config={m.config}"
+    elif m.pretrained is not None and (Path(m.pretrained).expanduser() / "config.json").is_file():
+        config = json.loads((Path(m.pretrained).expanduser() / "config.json").read_text())
+        where = f"model.pretrained={m.pretrained}"
+    else:
+        return
+    kind, layers = config.get("model_type"), config.get("num_hidden_layers")
+    if kind != "llama":
+        raise ValueError(f"backend.pp={cfg.backend.pp} splits Llama decoders into stages; {where} "
+                         f"is model_type={kind!r}, not supported with pp yet: use backend.pp=1")  # fmt: skip
+    if config.get("tie_word_embeddings"):
+        raise ValueError(f"{where} ties its input and output embeddings: not supported with "
+                         "backend.pp > 1 yet; use backend.pp=1")  # fmt: skip
+    if layers is not None and layers % stages:
+        raise ValueError(f"{where} has {layers} layers: they do not split into backend.pp x "
+                         f"backend.pp_virtual = {stages} equal stages; choose pp x pp_virtual "
+                         f"dividing {layers}")  # fmt: skip
