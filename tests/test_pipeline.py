@@ -53,12 +53,14 @@ def test_pipelined_steps_equal_one_process_for_every_schedule(tmp_path):
     # pp=2 x dp=2: K = 2 per replica; ddp: the replicas' stage gradients summed once per cycle,
     # fsdp: each stage sharded over its replicas, reduce-scattered once per step (the stage's)
     four = {"1f1b pp2 x dp2": [], "1f1b pp2 x fsdp2": ["backend=fsdp"],
-            "fsdp K=4": ["backend=fsdp", "train.global_batch_size=16"]}  # fmt: skip
+            "fsdp K=4": ["backend=fsdp", "train.global_batch_size=16"],
+            "gpipe pp2 x hsdp2x1": ["backend=hsdp", "backend.replicate=2",
+                                    "backend.pp_schedule=gpipe"]}  # fmt: skip
     jobs = [(str(tmp_path / f"four{i}"), [*BASE, "backend.pp=2", *o])
             for i, o in enumerate(four.values())]  # fmt: skip
     out = run_on_ranks(rank_train, 4, args=(jobs,))[0]
-    results.update(zip(list(four)[:2], out[:2], strict=True))
-    names += list(four)[:2]
+    results.update((n, o) for n, o in zip(four, out, strict=True) if n != "fsdp K=4")
+    names += [n for n in four if n != "fsdp K=4"]
     # reduce-scatters per step do not grow with K (3 units per rank: a layer pair's 2 + the root)
     scatters = [[r["comm"]["reduce_scatter"]["calls"] for r in o] for o in (out[1], out[2])]
     assert scatters == [[3, 3, 3], [3, 3, 3]], scatters
@@ -94,7 +96,6 @@ def _export_loads_with_equal_logits(pipelined, single) -> None:
     "overrides, message",
     [
         (["backend.pp=2", "backend=zero2"], "PipelineModule"),
-        (["backend.pp=2", "backend=hsdp"], "hsdp inside pipeline stages"),
         (["backend.pp=2", "backend.pp_schedule=zbv"], "zero-bubble"),
         (["backend.pp=2", "backend.pp_schedule=nope"], "choose one of"),
         (["backend.pp=2", "backend.pp_schedule=interleaved_1f1b"], "pp_virtual=2"),
@@ -116,6 +117,11 @@ def test_plan_checks_k_and_world():
         check_plan(cfg, 2, 8)
     with pytest.raises(ValueError, match="does not divide the world size 6"):
         check_plan(cfg, 8, 6)
+    hsdp = compose(
+        [*TINY, "model.num_layers=4", "backend.pp=2", "backend=hsdp", "backend.replicate=3"]
+    )
+    with pytest.raises(ValueError, match="backend.replicate=3 does not divide the 4 ranks"):
+        check_plan(hsdp, 4, 8)
     check_plan(cfg, 4, 8)  # K = stages: fine for 1f1b
     cfg = compose([*TINY, "model.num_layers=8", "backend.pp=4", "backend.pp_virtual=2",
                    "backend.pp_schedule=interleaved_1f1b"])  # fmt: skip

@@ -18,11 +18,12 @@ same weights (gradcycle.weights.init draws by name).
 
 Across the dp replicas of a stage: backend=ddp sums its gradients in one flat all-reduce per
 cycle; backend=fsdp shards it (FSDP2 unit per layer, the stage's rest its root), and the stage
-reduce-scatters once per step whatever K (PipelineStage turns gradient sync off per micro-batch).
+reduce-scatters once per step whatever K (PipelineStage turns gradient sync off per micro-batch);
+backend=hsdp likewise on a (pp, replicate, shard) mesh.
 
 Supported: Llama-family decoders (embed_tokens / layers / norm / rotary_emb / lm_head), untied
-embeddings, schedules gpipe | 1f1b | interleaved_1f1b | looped_bfs. Refused with a message: hsdp
-inside stages, zero*, tied embeddings, zero-bubble schedules (their separate weight-gradient pass
+embeddings, schedules gpipe | 1f1b | interleaved_1f1b | looped_bfs. Refused with a message:
+zero*, tied embeddings, zero-bubble schedules (their separate weight-gradient pass
 re-enters the chunked loss), fp16, document masking.
 """
 
@@ -50,6 +51,9 @@ def data_parallel(pp: int, rank: int, world: int) -> tuple[int, int]:
 def stage_layers(n_layers: int, stages: int, stage: int) -> range:
     per = n_layers // stages
     return range(stage * per, (stage + 1) * per)
+
+
+REPLICAS = ("replicate", "shard")  # hsdp's mesh dimensions inside one stage
 
 
 class _Absent(nn.Module):
@@ -155,8 +159,20 @@ class PipelineBackend(TorchBackend):
         b = cfg.backend
         self.sync, self.pp, self.v, self.seq_len = "per_cycle", b.pp, b.pp_virtual, cfg.data.seq_len
         self.dp = world // self.pp
-        self.mesh = init_device_mesh(device.type, (self.pp, self.dp), mesh_dim_names=("pp", "dp"))
-        self.pp_group, self.dp_group = self.mesh.get_group("pp"), self.mesh.get_group("dp")
+        self.fsdp, self.name = b.name in ("fsdp", "hsdp"), b.name
+        if b.name == "hsdp":  # (pp, replicate, shard): FSDP2's HSDP over each stage's replicas
+            from gradcycle.backends.fsdp import hsdp_nodes, mesh_shape
+
+            nodes = hsdp_nodes() if b.replicate is None else None
+            shape, names = (self.pp, *mesh_shape("hsdp", self.dp, b.replicate, nodes)), REPLICAS
+            self.mesh = init_device_mesh(device.type, shape, mesh_dim_names=("pp", *names))
+            self.dp_mesh, self.dp_group = self.mesh[names], None
+        else:
+            self.mesh = init_device_mesh(
+                device.type, (self.pp, self.dp), mesh_dim_names=("pp", "dp")
+            )
+            self.dp_mesh, self.dp_group = self.mesh["dp"], self.mesh.get_group("dp")
+        self.pp_group = self.mesh.get_group("pp")
         self.pp_rank = dist.get_rank() // self.dp
         n_stages = self.pp * self.v
         self.stage_ids = [self.pp_rank + c * self.pp for c in range(self.v)]
@@ -171,7 +187,6 @@ class PipelineBackend(TorchBackend):
         prune(module, owned, 0 in self.stage_ids, n_stages - 1 in self.stage_ids)
         self.stages = [StageModule(module, spans[s], s == 0, s == n_stages - 1)
                        for s in self.stage_ids]  # fmt: skip
-        self.fsdp, self.name = b.name == "fsdp", b.name
         if self.fsdp:  # on meta: each layer a unit over the dp ranks, each stage's rest a root
             from torch.distributed.fsdp import fully_shard
 
@@ -180,8 +195,8 @@ class PipelineBackend(TorchBackend):
             self.mp = mp_policy(cfg.precision, b.reduce_dtype)
             for stage in self.stages:
                 for layer in stage.layers:
-                    fully_shard(layer, mesh=self.mesh["dp"], mp_policy=self.mp)
-                fully_shard(stage, mesh=self.mesh["dp"], mp_policy=self.mp)
+                    fully_shard(layer, mesh=self.dp_mesh, mp_policy=self.mp)
+                fully_shard(stage, mesh=self.dp_mesh, mp_policy=self.mp)
         with CommCounter.instance().suspended():
             materialise(module, cfg.model, cfg.seed, device)  # this rank's weights, by name
         self.pipe = [pipelining.PipelineStage(m, s, n_stages, device, group=self.pp_group)

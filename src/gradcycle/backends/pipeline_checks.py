@@ -31,11 +31,10 @@ def check_config(cfg) -> None:
             "weight-gradient pass that gradcycle's chunked loss and stage split do not support "
             "yet; use backend.pp_schedule=1f1b, gpipe, interleaved_1f1b or looped_bfs"
         )
-    if b.name not in ("ddp", "fsdp"):
-        why = ("DeepSpeed's own pipeline needs its PipelineModule and ZeRO <= 1"
-               if b.name.startswith("zero") else "hsdp inside pipeline stages is not built yet")  # fmt: skip
-        raise ValueError(f"backend.pp={b.pp} with backend={b.name}: {why}; use backend=ddp or "
-                         "backend=fsdp (across the pipeline replicas), or backend.pp=1")  # fmt: skip
+    if b.name.startswith("zero"):
+        raise ValueError(f"backend.pp={b.pp} with backend={b.name}: DeepSpeed's own pipeline "
+                         "needs its PipelineModule and ZeRO <= 1; use backend=ddp, fsdp or hsdp "
+                         "(across the pipeline replicas), or backend.pp=1")  # fmt: skip
     if b.pp_schedule in MULTI and b.pp_virtual < 2:
         raise ValueError(f"backend.pp_schedule={b.pp_schedule} runs several stages per rank: "
                          "set backend.pp_virtual=2 (or more), or use backend.pp_schedule=1f1b")  # fmt: skip
@@ -82,6 +81,10 @@ def check_plan(cfg, k: int, world: int) -> None:
             f"cycle, got K={k}: raise train.global_batch_size or lower train.micro_batch_size "
             "(K = global / (micro x data-parallel ranks))"
         )
+    if b.name == "hsdp" and b.replicate is not None and (world // b.pp) % b.replicate:
+        raise ValueError(f"backend=hsdp backend.pp={b.pp}: backend.replicate={b.replicate} does "
+                         f"not divide the {world // b.pp} ranks of each stage (world {world} / pp); "
+                         "choose a backend.replicate dividing them")  # fmt: skip
     rounds = max(1, k // b.pp)
     if b.pp_schedule == "interleaved_1f1b" and k % rounds:
         raise ValueError(f"backend.pp_schedule=interleaved_1f1b needs K divisible by "
