@@ -330,6 +330,9 @@ def test_old_checkpoints_are_deleted_after_the_barrier_in_the_background(tmp_pat
     class Backend:  # what Checkpointer.save needs of a backend
         module = nn.Linear(2, 2)
 
+        def whole_model(self):
+            return self.module
+
         def save_state(self, path):
             path.mkdir(parents=True)
             (path / "shard").write_text("x")

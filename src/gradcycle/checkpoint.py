@@ -197,7 +197,7 @@ class Checkpointer:
                     f"{where}: the checkpoint has model.{key}={saved_model[key]!r}, this config "
                     f"has model.{key}={self.cfg.model.get(key)!r}: resume with the same model"
                 )
-        ours = param_shapes(self.backend.module)
+        ours = param_shapes(self.backend.whole_model())
         theirs = meta["params"]
         for name in sorted(set(ours) | set(theirs)):
             if ours.get(name) != theirs.get(name):
@@ -334,7 +334,7 @@ class Checkpointer:
             },  # fmt: skip
             "model": {k: self.cfg.model.get(k) for k in SHAPE_FIELDS},
             "trust_remote_code": bool(self.cfg.model.trust_remote_code),
-            "params": param_shapes(self.backend.module),
+            "params": param_shapes(self.backend.whole_model()),
             "torch": torch.__version__,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "files": files,

@@ -140,6 +140,9 @@ class BackendConfig:
     # fsdp/hsdp: MixedPrecisionPolicy.reduce_dtype.
     reduce_dtype: str = "fp32"
     compile: bool = False
+    pp: int = 1  # pipeline stages (backends/pipeline.py) with ddp/fsdp/hsdp; mesh pp x dp
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | looped_bfs
+    pp_virtual: int = 1  # stages per rank (interleaved_1f1b, looped_bfs: >= 2)
     dist_timeout_s: int = 300  # a dead rank makes the others fail after this, never hang
     startup_timeout_s: int = 1800  # the same bound for build/init/load, resume, checkpoint writes
 
@@ -419,6 +422,9 @@ def validate(cfg: Any, this_machine: bool = True) -> None:
     if chunk != "auto" and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0):
         raise ValueError(f"loss.chunk_tokens={chunk!r} must be a positive integer or 'auto' "
                          "(liger-kernel's rule: planner/loss.py chunk_for)")  # fmt: skip
+    from gradcycle.backends.pipeline_checks import check_config as check_pipeline
+
+    check_pipeline(cfg)  # backend.pp*: schedules, stages, what pp does not support yet
     if cfg.loss.impl == "liger":
         from gradcycle.loss import check_liger
 

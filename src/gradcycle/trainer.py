@@ -5,7 +5,8 @@ One optimizer step = one cycle of K micro-batches per rank:
   2. count target tokens over the whole cycle on all ranks (one all-reduce) -> N;
   3. each micro-batch's loss = sum of token cross-entropy / N, so K micro-batches on W ranks are
      exactly one batch of K*b*W samples, ragged lengths included;
-  4. backend.forward_backward(..., last=k == K-1): the backend maps `last` onto its sync;
+  4. backend.run_cycle(K micro-batches, loss_fn): by default one forward_backward per micro-batch
+     with last=k == K-1, which the backend maps onto its sync; a pipeline runs one schedule;
   5. backend.step(lr): clip, optimizer, zero grads, once per cycle.
 """
 
@@ -23,8 +24,8 @@ import torch
 from omegaconf import OmegaConf
 
 from gradcycle import attention, checkpoint, distributed, hardware
-from gradcycle.backends import build_backend
-from gradcycle.batching import BatchPlan, lr_at, plan_from_config
+from gradcycle.backends import build_backend, check_plan, data_parallel_env
+from gradcycle.batching import lr_at, plan_from_config
 from gradcycle.config import validate
 from gradcycle.data import IGNORE_INDEX
 from gradcycle.data.loader import eval_batches, train_loader
@@ -41,7 +42,8 @@ from gradcycle.model import (
 )
 from gradcycle.planner import auto as plan_auto
 from gradcycle.profiling import StepProfiler
-from gradcycle.telemetry import CommCounter, MetricsSink, flops_per_token, peak_memory_bytes
+from gradcycle.records import Progress, step_record
+from gradcycle.telemetry import CommCounter, MetricsSink, flops_per_token
 from gradcycle.vision import batchnorm
 from gradcycle.vision import plan as vision_plan
 from gradcycle.vision.data import open_images
@@ -123,8 +125,12 @@ def run(cfg) -> dict:
 
 
 def _run(cfg, env, nodes: int) -> dict:
-    plan = plan_from_config(cfg, env.world_size)
     image = cfg.task == "image"  # image classification (gradcycle/vision): the same loop
+    # backend.pp > 1: a pipeline's stages read the same data (their data-parallel replica's)
+    data_env = data_parallel_env(cfg, env)
+    copies = env.world_size // data_env.world_size  # ranks reading each data slice
+    plan = plan_from_config(cfg, data_env.world_size)
+    check_plan(cfg, plan.accumulation_steps, env.world_size)  # e.g. K >= pipeline stages
     # Every rank; data=stdlib|files|hub prepare into the cache on first use (file-locked, once).
     data = (open_images if image else open_dataset)(cfg, progress=env.is_main)  # errors: here
     val_set = data.samples("val", cfg.data)
@@ -158,7 +164,8 @@ def _run(cfg, env, nodes: int) -> dict:
         for line in startup_plan.lines(cfg, make_model("meta"), env.world_size):
             print(line, flush=True)
     backend = build_backend(cfg, make_model, device, env.world_size, run_dir)
-    n_params = count_params(backend.module)
+    whole = backend.whole_model()  # every parameter (a pipeline rank holds one stage)
+    n_params = count_params(whole)
     state = State()
     faults = Faults.from_env(env.rank)  # test-only fault injection (GRADCYCLE_FAULT); else no-op
     ckpt = checkpoint.Checkpointer(
@@ -190,15 +197,15 @@ def _run(cfg, env, nodes: int) -> dict:
     sink = MetricsSink(run_dir, cfg, env.is_main, OmegaConf.to_container(cfg, resolve=True))
     # this rank's micro-batches from global batch `state.step` on, computed ahead by workers
     loader = (image_loader if image else train_loader)(
-        cfg, data, plan, env, device, start=state.step, model=backend.module
+        cfg, data, plan, data_env, device, start=state.step, model=backend.module
     )
-    recomputed = checkpointed_layers(len(decoder_layers(backend.module)), ac.mode, ac.every)
+    recomputed = checkpointed_layers(len(decoder_layers(whole)), ac.mode, ac.every)
     if image:  # per image
         fpt = flops_per_sample(make_model("meta"), cfg.data.image.size, bool(recomputed))
     else:
-        fpt = flops_per_token(backend.module, cfg.data.seq_len, recomputed)  # (model, hardware)
+        fpt = flops_per_token(whole, cfg.data.seq_len, recomputed)  # (model, hardware)
     profiler = StepProfiler(cfg.profile, cfg.profile_steps, run_dir, env.rank, device)
-    progress = _progress(cfg, env, state.step)
+    progress = Progress(cfg, env, state.step)
     stop = StopSignal.install()
     record: dict = {}
     first_step = state.step
@@ -213,21 +220,18 @@ def _run(cfg, env, nodes: int) -> dict:
             counts = [_to_device(n, device) for n in (cycle.targets, cycle.tokens)]
             with comm.suspended():  # the trainer's own collectives are not the backend's
                 n_tokens = distributed.all_reduce_tensor(counts, device)
+            n_tokens = n_tokens / copies  # each pipeline stage counted its replica's slice
             loss_fn = functools.partial(image_loss if image else token_loss,
                                         norm=n_tokens[0].clamp(min=1), **loss_args)  # fmt: skip
             loss_fn = faults.wrap_loss(step, loss_fn)  # tests only: an injected NaN/inf
-            losses = []
-            with backend.cycle():
-                for k, batch in enumerate(cycle.micro):
-                    faults.at_micro(step, k)
-                    last = k == len(cycle.micro) - 1
-                    with profiler.region("forward_backward"):
-                        losses.append(backend.forward_backward(batch, loss_fn, last=last))
+            # all K micro-batches: the backend's per-micro loop, or one pipeline schedule
+            at_micro = functools.partial(_micro_region, faults, profiler, step)
+            loss_sum = backend.run_cycle(cycle.micro, loss_fn, at_micro)
             lr = lr_at(step, plan, cfg.optim.schedule, cfg.train.max_steps, cfg.optim.min_lr_ratio)
             # Stop votes ride along (no extra collective): every rank stops at the same boundary.
             votes = [_to_device(v, device) for v in stop.votes()]
             with comm.suspended():
-                stats = distributed.all_reduce_tensor([torch.stack(losses).sum(), *votes], device)
+                stats = distributed.all_reduce_tensor([loss_sum, *votes], device)
             with profiler.region("optimizer_step"):
                 result = backend.step(lr, torch.cat([stats, n_tokens]))  # the step's one host sync
             comm_counts = comm.take()
@@ -248,7 +252,7 @@ def _run(cfg, env, nodes: int) -> dict:
             state.step += 1
             state.tokens_seen += int(n_inputs)
             dt = time.perf_counter() - t0
-            record = _record(state, plan, cfg, env, loss, result, (n_inputs, n_targets), dt, lr,
+            record = step_record(state, plan, cfg, env, loss, result, (n_inputs, n_targets), dt, lr,
                              fpt, device, comm_counts, cycle.wait_s)  # fmt: skip
             split = profiler.stop()
             if split is not None:
@@ -258,9 +262,10 @@ def _run(cfg, env, nodes: int) -> dict:
             if cfg.train.eval_every and (state.step % cfg.train.eval_every == 0
                                          or state.step == cfg.train.max_steps):  # fmt: skip
                 if image:  # + eval_accuracy
-                    ev = evaluate_images(backend, data, plan, cfg, env, device, loader)
+                    ev = evaluate_images(backend, data, plan, cfg, data_env, device, loader)
                 else:
-                    ev = evaluate(backend, val_set, plan, cfg, env, device, loader, data.pad_id)
+                    ev = evaluate(backend, val_set, plan, cfg, data_env, device, loader,
+                                  data.pad_id, copies)  # fmt: skip
                 comm.take()  # eval's parameter gathers (fsdp, hsdp, zero3) are no step's
                 sink.write({"step": state.step, **ev})
                 acc = f" eval_accuracy {ev['eval_accuracy']:.3f}" if image else ""
@@ -289,42 +294,17 @@ def _run(cfg, env, nodes: int) -> dict:
     return record
 
 
-def _record(state, plan: BatchPlan, cfg, env, loss, result, tokens, dt, lr, fpt, device, comm,
-            data_wait_s):  # fmt: skip
-    # Throughput and MFU count input tokens (what the model computed on, padding excluded), the
-    # loss its targets: with masked prompts or padded rows the two differ by 2x and more.
-    n_inputs, n_targets = tokens
-    tokens_per_s = n_inputs / dt if dt > 0 else 0.0
-    # FLOP/s of all ranks together; an unknown device has no peak, hence no MFU (never a guess)
-    peak = (cfg.hardware.bf16_tflops or 0.0) * 1e12 * env.world_size
-    return {
-        "step": state.step,
-        "loss": loss,
-        "grad_norm": result.grad_norm,
-        "lr": lr,
-        "tokens": int(n_inputs),  # all ranks, padding excluded
-        "target_tokens": int(n_targets),  # tokens with a loss: the normalisation N
-        "samples": plan.global_batch_size,
-        "accumulation_steps": plan.accumulation_steps,
-        "micro_batch_size": plan.micro_batch_size,
-        "world_size": env.world_size,
-        "step_time_s": dt,
-        "data_wait_s": data_wait_s,  # of step_time_s: waiting for this cycle's micro-batches
-        "tokens_per_s": tokens_per_s,
-        "mfu": fpt[0] * tokens_per_s / peak if peak else None,
-        "hfu": fpt[1] * tokens_per_s / peak if peak else None,  # + activation recompute
-        "peak_mem_bytes": peak_memory_bytes(device),
-        "skipped": bool(result.skipped),
-        "skipped_steps": state.skipped_steps,
-        "overflow_steps": state.overflow_steps,
-        "tokens_seen": state.tokens_seen,
-        "comm": comm,
-    }
+def _micro_region(faults, profiler, step: int, k: int):
+    """As micro-batch k of `step` starts: a test-injected fault, then its profiler region."""
+    faults.at_micro(step, k)
+    return profiler.region("forward_backward")
 
 
 @torch.no_grad()
-def evaluate(backend, val_set, plan, cfg, env, device, loader, pad_id) -> dict:
-    """Token-weighted validation loss over the same batches on any world size."""
+def evaluate(backend, val_set, plan, cfg, env, device, loader, pad_id, copies: int = 1) -> dict:
+    """Token-weighted validation loss over the same batches on any world size. `env`: the
+    data-parallel ranks; `copies`: ranks reading each slice (pipeline stages; their loss is
+    counted on the last stage only)."""
     losses, tokens = [], 0
     loss_fn = functools.partial(token_loss, norm=1.0, impl=cfg.loss.impl,
                                 chunk_tokens=cfg.loss.chunk_tokens)  # fmt: skip
@@ -335,67 +315,6 @@ def evaluate(backend, val_set, plan, cfg, env, device, loader, pad_id) -> dict:
     with CommCounter.instance().suspended():
         sums = distributed.all_reduce_tensor([torch.stack(losses).sum(), tokens], device)
     total, tokens = sums.tolist()
+    tokens /= copies
     loss = total / max(tokens, 1.0)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(tokens)}
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f}GiB"
-
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.1%}"
-
-
-class _progress:
-    """tqdm on rank 0 only (step, loss, tokens/s, MFU, peak memory); silent elsewhere."""
-
-    def __init__(self, cfg, env, start: int):
-        self.bar = None
-        self.every = cfg.train.log_every
-        if env.is_main and cfg.logging.progress:
-            from tqdm import tqdm
-
-            # Redrawn in place on a terminal; in a log file only the periodic lines are written.
-            self.bar = tqdm(total=cfg.train.max_steps, initial=start, desc="train", file=sys.stdout,
-                            mininterval=1.0, dynamic_ncols=True,
-                            disable=not sys.stdout.isatty())  # fmt: skip
-        self.first_loss = None
-        self.main = env.is_main
-
-    def update(self, r: dict) -> None:
-        if self.first_loss is None:
-            self.first_loss = r["loss"]
-            if self.main:
-                self.note(f"step {r['step']}: first loss {r['loss']:.4f}")
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{r['loss']:.3f}", tok_s=f"{r['tokens_per_s']:.0f}",
-                                 mfu=_pct(r["mfu"]), mem=_gib(r["peak_mem_bytes"]),
-                                 refresh=False)  # fmt: skip
-            self.bar.update(1)
-        if self.main and (r["step"] % self.every == 0):
-            self.note(f"step {r['step']}: loss {r['loss']:.4f} grad_norm {r['grad_norm']:.3f} "
-                      f"lr {r['lr']:.2e} tokens/s {r['tokens_per_s']:.0f} mfu {_pct(r['mfu'])} "
-                      f"peak mem {_gib(r['peak_mem_bytes'])}")  # fmt: skip
-        if "profile" in r:
-            p = r["profile"]
-            self.note(f"step {r['step']} profile: forward/backward {p['forward_backward_s']:.3f}s "
-                      f"comm wait {p['comm_wait_s']:.3f}s optimizer {p['optimizer_s']:.3f}s "
-                      f"other {p['other_s']:.3f}s")  # fmt: skip
-
-    def note(self, text: str) -> None:
-        if not self.main:
-            return
-        if self.bar is not None:
-            self.bar.write(text)
-        else:
-            print(text, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-    def summary(self, last: dict) -> None:
-        if self.first_loss is not None and last:
-            self.note(f"done: {last['step']} steps, first loss {self.first_loss:.4f} -> last loss "
-                      f"{last['loss']:.4f}")  # fmt: skip

@@ -13,7 +13,7 @@ import torch
 
 from gradcycle.backends.base import Backend, StepResult, SyncPlan
 
-__all__ = ["Backend", "StepResult", "SyncPlan", "build_backend"]
+__all__ = ["Backend", "StepResult", "SyncPlan", "build_backend", "check_plan", "data_parallel_env"]
 
 
 def build_backend(cfg, make_model: Callable[[str], torch.nn.Module], device: torch.device,
@@ -30,8 +30,35 @@ def build_backend(cfg, make_model: Callable[[str], torch.nn.Module], device: tor
         return _build(cfg, make_model, device, world, run_dir)
 
 
+def data_parallel_env(cfg, env):
+    """The ranks the data is split over: all of them, except that under backend.pp > 1 the
+    stages of one pipeline read the same slice (the env of its data-parallel replica)."""
+    if cfg.backend.pp == 1:
+        return env
+    import dataclasses
+
+    from gradcycle.backends.pipeline import data_parallel
+    from gradcycle.backends.pipeline_checks import check_plan
+
+    check_plan(cfg, 1 << 30, env.world_size)  # the world splits into pp x dp (K: check_plan)
+    rank, size = data_parallel(cfg.backend.pp, env.rank, env.world_size)
+    return dataclasses.replace(env, rank=rank, world_size=size)
+
+
+def check_plan(cfg, k: int, world: int) -> None:
+    """K micro-batches per cycle suit the backend (a pipeline schedule's rules)."""
+    if cfg.backend.pp > 1:
+        from gradcycle.backends.pipeline_checks import check_plan as check
+
+        check(cfg, k, world)
+
+
 def _build(cfg, make_model, device: torch.device, world: int, run_dir: Path) -> Backend:
     name = cfg.backend.name
+    if cfg.backend.pp > 1:
+        from gradcycle.backends.pipeline import PipelineBackend
+
+        return PipelineBackend(cfg, make_model, device, world)
     if name == "ddp":
         from gradcycle.backends.ddp import DDPBackend
 

@@ -1,8 +1,9 @@
 """The small interface the training loop talks to, and the shared torch-native implementation.
 
 The trainer decides where an accumulation cycle starts and ends; a backend only translates that
-decision: `cycle()` brackets the K micro-batches, `forward_backward(..., last)` says whether this
-micro-batch closes the cycle, and `step()` applies the accumulated gradient once.
+decision: `run_cycle()` runs the K micro-batches (by default inside `cycle()`, one
+`forward_backward(..., last)` each, `last` saying whether this micro-batch closes the cycle), and
+`step()` applies the accumulated gradient once.
 """
 
 from __future__ import annotations
@@ -59,6 +60,19 @@ class Backend:
     def forward_backward(self, batch: dict, loss_fn, last: bool) -> torch.Tensor:
         raise NotImplementedError
 
+    def run_cycle(self, micro_batches, loss_fn, at_micro=None) -> torch.Tensor:
+        """Forward and backward of one cycle's K micro-batches (a sized iterable, read once);
+        returns their summed loss (a device scalar). THE place the accumulation boundary is
+        decided: the K-th micro-batch is `last`. `at_micro(k)`, called as micro-batch k starts,
+        returns a context around its work (test fault injection, the profiler's region). A
+        pipeline backend overrides this with one schedule step over all K."""
+        losses, k_last = [], len(micro_batches) - 1
+        with self.cycle():
+            for k, batch in enumerate(micro_batches):
+                with at_micro(k) if at_micro is not None else contextlib.nullcontext():
+                    losses.append(self.forward_backward(batch, loss_fn, last=k == k_last))
+        return torch.stack(losses).sum()
+
     def step(self, lr: float, stats: torch.Tensor) -> StepResult:
         """Clip, optimizer step, zero grads. Fetch the grad norm and `stats` (trainer's device
         scalars) in ONE host sync: the only one per optimizer step."""
@@ -69,6 +83,11 @@ class Backend:
 
     def sync_plan(self, k: int) -> SyncPlan:
         raise NotImplementedError
+
+    def whole_model(self) -> nn.Module:
+        """A module with every parameter of the model (its shapes are what checkpoints record):
+        `module`, except where each rank holds only a part (pipeline stages)."""
+        return self.module
 
     # -- checkpoint / export (all collective: every rank calls them) -----------------------
     def save_state(self, path) -> None:
@@ -134,6 +153,14 @@ def build_optimizer(params, optim_cfg, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
         groups, lr=lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps, fused=True
     )
+
+
+def _nested_optimizer_state(path) -> bool:
+    """A checkpoint written before the optimizer state was flattened (param_groups by index)."""
+    from gradcycle.safe_load import dcp_reader
+
+    keys = dcp_reader(path).read_metadata().state_dict_metadata
+    return any(k.startswith("optim.param_groups.0.") for k in keys)
 
 
 def _step_unless(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
@@ -239,10 +266,14 @@ class TorchBackend(Backend):
     # Model and optimizer state are keyed by the plain model's parameter names whatever the
     # wrapper (DDP, FSDP2 shards as DTensors), so DCP reshards on load: a checkpoint written on
     # W ranks loads on any other number of ranks, and on ddp as well as fsdp/hsdp.
-    def _dcp_state(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+    def _dcp_state(self, flat: bool = True) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        # The optimizer state keyed by parameter name (flattened), so it loads on whichever rank
+        # holds a parameter: the nested form numbers parameters per rank, which collides across
+        # pipeline stages (backend.pp) and keeps pp=1 and pp>1 from resuming each other.
+        options = StateDictOptions(flatten_optimizer_state_dict=flat)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=options)
         return {"model": model_sd, "optim": optim_sd}
 
     def save_state(self, path) -> None:
@@ -264,7 +295,7 @@ class TorchBackend(Backend):
         from gradcycle.safe_load import dcp_load
 
         self._init_optimizer_state()
-        state = self._dcp_state()
+        state = self._dcp_state(flat=not _nested_optimizer_state(path))
         dcp_load(state, path, no_dist=not dist.is_initialized())
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])  # fmt: skip

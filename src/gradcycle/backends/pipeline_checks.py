@@ -1,0 +1,125 @@
+"""backend.pp* validation (no torch import): the schedules, the stage split, K per schedule,
+and what pipeline parallelism does not support yet. config.validate and the trainer call these
+before any process group starts."""
+
+from __future__ import annotations
+
+SCHEDULES = {  # backend.pp_schedule -> torch.distributed.pipelining class
+    "gpipe": "ScheduleGPipe",
+    "1f1b": "Schedule1F1B",
+    "interleaved_1f1b": "ScheduleInterleaved1F1B",
+    "looped_bfs": "ScheduleLoopedBFS",
+}
+MULTI = ("interleaved_1f1b", "looped_bfs")  # more than one stage per rank (pp_virtual > 1)
+NOT_YET = ("zbv", "dualpipev", "interleaved_zb")  # refused for now
+
+
+def check_config(cfg) -> None:
+    """backend.pp* rules that need no world size (config.validate calls this)."""
+    b = cfg.backend
+    if b.pp < 1 or b.pp_virtual < 1:
+        raise ValueError(f"backend.pp={b.pp} and backend.pp_virtual={b.pp_virtual} must be >= 1")
+    if b.pp == 1:
+        return
+    if getattr(cfg, "task", "lm") != "lm":
+        raise ValueError(f"backend.pp={b.pp} with task={cfg.task}: pipeline stages split a "
+                         "causal LM's decoder layers; image models train data-parallel: use "
+                         "backend.pp=1")  # fmt: skip
+    choices = (*SCHEDULES, *NOT_YET)
+    if b.pp_schedule not in choices:
+        raise ValueError(f"backend.pp_schedule={b.pp_schedule!r} is not valid: choose one of "
+                         f"{', '.join(choices)}")  # fmt: skip
+    if b.pp_schedule in NOT_YET:
+        raise ValueError(
+            f"backend.pp_schedule={b.pp_schedule}: zero-bubble schedules run a separate "
+            "weight-gradient pass that gradcycle's chunked loss and stage split do not support "
+            "yet; use backend.pp_schedule=1f1b, gpipe, interleaved_1f1b or looped_bfs"
+        )
+    if b.name.startswith("zero"):
+        raise ValueError(f"backend.pp={b.pp} with backend={b.name}: DeepSpeed's own pipeline "
+                         "needs its PipelineModule and ZeRO <= 1; use backend=ddp, fsdp or hsdp "
+                         "(across the pipeline replicas), or backend.pp=1")  # fmt: skip
+    if b.pp_schedule in MULTI and b.pp_virtual < 2:
+        raise ValueError(f"backend.pp_schedule={b.pp_schedule} runs several stages per rank: "
+                         "set backend.pp_virtual=2 (or more), or use backend.pp_schedule=1f1b")  # fmt: skip
+    if b.pp_schedule not in MULTI and b.pp_virtual != 1:
+        raise ValueError(f"backend.pp_virtual={b.pp_virtual} needs an interleaved schedule: use "
+                         "backend.pp_schedule=interleaved_1f1b or backend.pp_virtual=1")  # fmt: skip
+    stages = b.pp * b.pp_virtual
+    _check_architecture(cfg, stages)
+    if cfg.model.config is None and cfg.model.pretrained is None:
+        layers = cfg.model.num_layers
+        if layers % stages:
+            raise ValueError(
+                f"model.num_layers={layers} does not split into backend.pp={b.pp} x "
+                f"backend.pp_virtual={b.pp_virtual} = {stages} equal stages: choose pp x "
+                f"pp_virtual dividing {layers}"
+            )
+        if cfg.model.tie_embeddings:
+            raise ValueError("model.tie_embeddings=true with backend.pp > 1: tied embeddings "
+                             "across stages are not supported yet; use backend.pp=1")  # fmt: skip
+    for bad, why in ((cfg.precision == "fp16", "precision=fp16 (its loss scaler would have to "
+                      "decide across stages): use precision=bf16"),
+                     (cfg.data.document_mask, "data.document_mask=true (per-document masks do "
+                      "not travel between stages yet): use data.document_mask=false"),
+                     (cfg.train.micro_batch_size == "auto", "train.micro_batch_size=auto (the "
+                      "planner does not size stages yet): give a number"),
+                     (cfg.backend.sync == "per_micro", "backend.sync=per_micro (the stage "
+                      "gradients are reduced once per cycle): use backend.sync=auto")):  # fmt: skip
+        if bad:
+            raise ValueError(f"backend.pp={b.pp} does not support {why}")
+
+
+def check_plan(cfg, k: int, world: int) -> None:
+    """The world splits into pp x dp, and K micro-batches suit the schedule. Before any process
+    group starts (the trainer calls this right after the batch plan)."""
+    b = cfg.backend
+    if b.pp == 1:
+        return
+    if world % b.pp:
+        raise ValueError(f"backend.pp={b.pp} does not divide the world size {world}: the mesh is "
+                         f"pp x dp; use a backend.pp dividing {world}")  # fmt: skip
+    if b.pp_schedule in ("1f1b", "interleaved_1f1b") and k < b.pp:
+        raise ValueError(
+            f"backend.pp_schedule={b.pp_schedule} needs K >= backend.pp={b.pp} micro-batches per "
+            f"cycle, got K={k}: raise train.global_batch_size or lower train.micro_batch_size "
+            "(K = global / (micro x data-parallel ranks))"
+        )
+    if b.name == "hsdp" and b.replicate is not None and (world // b.pp) % b.replicate:
+        raise ValueError(f"backend=hsdp backend.pp={b.pp}: backend.replicate={b.replicate} does "
+                         f"not divide the {world // b.pp} ranks of each stage (world {world} / pp); "
+                         "choose a backend.replicate dividing them")  # fmt: skip
+    rounds = max(1, k // b.pp)
+    if b.pp_schedule == "interleaved_1f1b" and k % rounds:
+        raise ValueError(f"backend.pp_schedule=interleaved_1f1b needs K divisible by "
+                         f"max(1, K // pp) = {rounds}, got K={k}: use K a multiple of pp={b.pp}")  # fmt: skip
+
+
+def _check_architecture(cfg, stages: int) -> None:
+    """model.config / a local model.pretrained: a Llama decoder (the stage split's shape), untied,
+    its layers splitting into equal stages. (A hub id is checked when the stages are built.)"""
+    import json
+    from pathlib import Path
+
+    m = cfg.model
+    if m.config is not None:
+        from gradcycle.model import architecture_config
+
+        config = architecture_config(m).to_dict()
+        where = f"model.config={m.config}"
+    elif m.pretrained is not None and (Path(m.pretrained).expanduser() / "config.json").is_file():
+        config = json.loads((Path(m.pretrained).expanduser() / "config.json").read_text())
+        where = f"model.pretrained={m.pretrained}"
+    else:
+        return
+    kind, layers = config.get("model_type"), config.get("num_hidden_layers")
+    if kind != "llama":
+        raise ValueError(f"backend.pp={cfg.backend.pp} splits Llama decoders into stages; {where} "
+                         f"is model_type={kind!r}, not supported with pp yet: use backend.pp=1")  # fmt: skip
+    if config.get("tie_word_embeddings"):
+        raise ValueError(f"{where} ties its input and output embeddings: not supported with "
+                         "backend.pp > 1 yet; use backend.pp=1")  # fmt: skip
+    if layers is not None and layers % stages:
+        raise ValueError(f"{where} has {layers} layers: they do not split into backend.pp x "
+                         f"backend.pp_virtual = {stages} equal stages; choose pp x pp_virtual "
+                         f"dividing {layers}")  # fmt: skip

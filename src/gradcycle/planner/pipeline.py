@@ -1,0 +1,64 @@
+"""Pipeline parallelism (backend.pp): bubble, per-stage activation memory, step time.
+
+Pure arithmetic (no torch), for p stages (ranks), v stages per rank, K micro-batches per cycle
+(the cycle's micro-batches are the pipeline's: backends/pipeline.py):
+
+- bubble: every schedule here fills and drains the pipeline once per cycle: (p - 1) idle slots
+  of one stage-chunk beside v·K busy ones, so the idle share of the step is (p-1) / (v·K + p-1)
+  (the (p-1)/(v·K) of the literature is the same idle time relative to the busy time).
+- activations: GPipe runs all K forwards before any backward, so every stage holds K
+  micro-batches' activations; 1F1B starts backward after a warm-up of p - s forwards, so stage s
+  holds min(K, p - s): stage 0 holds p, whatever K. Interleaved 1F1B holds what torch's schedule
+  warms up with, (v-1)·(K/rounds) + 2·(p-1-s) + 1 chunk-forwards (`_get_warmup_ops`), each
+  of L/(p·v) layers.
+- time: the step's compute (what one rank computes for its 1/p of the layers, all K micro-
+  batches) stretched by the bubble: t_step = t_compute / (1 - bubble).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def bubble_fraction(p: int, k: int, v: int = 1) -> float:
+    """Share of the step a stage is idle (fill and drain)."""
+    return (p - 1) / (v * k + p - 1)
+
+
+def in_flight(schedule: str, p: int, k: int, stage: int, v: int = 1) -> int:
+    """Stage-chunk forwards whose activations `stage` (0 = first rank) holds at its peak."""
+    if schedule == "gpipe":
+        return k * v
+    if schedule == "1f1b":
+        return min(k, p - stage)
+    if schedule in ("interleaved_1f1b", "looped_bfs"):
+        if schedule == "looped_bfs":  # all of a chunk's forwards before its backwards
+            return k * v
+        per_round = k // max(1, k // p)
+        return min((v - 1) * per_round + 2 * (p - 1 - stage) + 1, k * v)
+    raise ValueError(f"unknown pipeline schedule {schedule!r}")
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    stage: int
+    layers: int  # decoder layers on this rank (all its chunks)
+    in_flight: int  # chunk-forwards held at the peak
+    activation_bytes: float  # their saved activations
+
+
+def stage_plans(schedule: str, p: int, k: int, v: int, n_layers: int,
+                layer_bytes: float) -> list[StagePlan]:  # fmt: skip
+    """Per rank: its layers and the activations it holds at its peak. `layer_bytes`: saved bytes
+    of one layer for one micro-batch (planner/memory.py: layer_activation_bytes x tokens)."""
+    chunk = n_layers // (p * v)
+    out = []
+    for s in range(p):
+        held = in_flight(schedule, p, k, s, v)
+        out.append(StagePlan(s, chunk * v, held, held * chunk * layer_bytes))
+    return out
+
+
+def step_time(compute_s: float, p: int, k: int, v: int = 1) -> float:
+    """The step's wall time from one rank's compute time (its layers, all K micro-batches)."""
+    return compute_s / (1 - bubble_fraction(p, k, v))

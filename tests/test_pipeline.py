@@ -1,0 +1,165 @@
+"""backend.pp: a pipelined cycle is the same big batch as one process (ragged data, 3 steps),
+for each schedule and pp x dp; checkpoints resume across pp sizes; the planner's arithmetic;
+validation refuses what pp does not support, before any process group."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import RAGGED, TINY, compose, rank_train, train_steps
+from multiproc import run_on_ranks
+
+from gradcycle.backends.pipeline import stage_layers
+from gradcycle.backends.pipeline_checks import check_plan
+from gradcycle.config import validate
+from gradcycle.planner import pipeline as plan_pp
+
+# K = 8 / (2 x dp) micro-batches: 4 on pp=2 (dp=1); ragged documents padded per micro-batch
+BASE = [*RAGGED, "train.global_batch_size=8", "train.micro_batch_size=2", "train.max_steps=3",
+        "model.num_layers=4", "optim.warmup_steps=1"]  # fmt: skip
+SCHEDULES = {
+    "gpipe": ["backend.pp_schedule=gpipe"],
+    "1f1b": ["backend.pp_schedule=1f1b"],
+    "interleaved_1f1b": ["backend.pp_schedule=interleaved_1f1b", "backend.pp_virtual=2"],
+    "looped_bfs": ["backend.pp_schedule=looped_bfs", "backend.pp_virtual=2"],
+}
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def test_pipelined_steps_equal_one_process_for_every_schedule(tmp_path):
+    reference = train_steps(tmp_path / "ref", [*BASE, "checkpoint.every=2"])
+    names = list(SCHEDULES)
+    jobs = [(str(tmp_path / n), [*BASE, "backend.pp=2", *SCHEDULES[n], "checkpoint.every=2"])
+            for n in names]  # fmt: skip
+    # pp=1 -> pp=2: the one-process checkpoint of step 2 resumes on the pipeline (same names)
+    jobs.append((str(tmp_path / "from-pp1"), [*BASE, "backend.pp=2",
+                                               f"resume={tmp_path}/ref/checkpoints/step_2"]))  # fmt: skip
+    out = run_on_ranks(rank_train, 2, args=(jobs,))[0]
+    results = dict(zip(names, out, strict=False))
+    from_pp1 = out[-1]
+    # pp=2 -> pp=1: the pipeline's checkpoint of step 2 resumes in one process
+    from_pp2 = train_steps(
+        tmp_path / "from-pp2", [*BASE, f"resume={tmp_path}/1f1b/checkpoints/step_2"]
+    )
+    _export_loads_with_equal_logits(tmp_path / "1f1b/checkpoints/step_3",
+                                    tmp_path / "ref/checkpoints/step_3")  # fmt: skip
+    for resumed in (from_pp1, from_pp2):
+        assert isinstance(resumed, list), resumed.text
+        assert [r["step"] for r in resumed] == [3]
+        assert _rel(resumed[0]["loss"], reference[2]["loss"]) < 1e-5, (resumed, reference[2])
+        assert _rel(resumed[0]["grad_norm"], reference[2]["grad_norm"]) < 1e-5
+    # pp=2 x dp=2: K = 2 per replica; ddp: the replicas' stage gradients summed once per cycle,
+    # fsdp: each stage sharded over its replicas, reduce-scattered once per step (the stage's)
+    four = {"1f1b pp2 x dp2": [], "1f1b pp2 x fsdp2": ["backend=fsdp"],
+            "fsdp K=4": ["backend=fsdp", "train.global_batch_size=16"],
+            "gpipe pp2 x hsdp2x1": ["backend=hsdp", "backend.replicate=2",
+                                    "backend.pp_schedule=gpipe"]}  # fmt: skip
+    jobs = [(str(tmp_path / f"four{i}"), [*BASE, "backend.pp=2", *o])
+            for i, o in enumerate(four.values())]  # fmt: skip
+    out = run_on_ranks(rank_train, 4, args=(jobs,))[0]
+    results.update((n, o) for n, o in zip(four, out, strict=True) if n != "fsdp K=4")
+    names += [n for n in four if n != "fsdp K=4"]
+    # reduce-scatters per step do not grow with K (3 units per rank: a layer pair's 2 + the root)
+    scatters = [[r["comm"]["reduce_scatter"]["calls"] for r in o] for o in (out[1], out[2])]
+    assert scatters == [[3, 3, 3], [3, 3, 3]], scatters
+    for name in names:
+        steps = results[name]
+        assert not isinstance(steps, list) or len(steps) == 3, steps
+        assert isinstance(steps, list), steps.text
+        for got, want in zip(steps, reference, strict=True):
+            # the cycle's normaliser: the targets of the one data-parallel slice, not pp x them
+            assert got["target_tokens"] == want["target_tokens"]
+            assert got["tokens"] == want["tokens"]
+            assert got["accumulation_steps"] == (2 if "2 x " in name else 4)
+            assert _rel(got["loss"], want["loss"]) < 1e-5, (name, got["loss"], want["loss"])
+            assert _rel(got["grad_norm"], want["grad_norm"]) < 1e-5, (name, got, want)
+
+
+def _export_loads_with_equal_logits(pipelined, single) -> None:
+    """HF export of a pp=2 checkpoint: from_pretrained loads it; logits equal pp=1's export."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from gradcycle.export import export
+
+    a, b = (AutoModelForCausalLM.from_pretrained(str(export(d, d.parent / f"hf-{d.parent.parent.name}")))
+            for d in (pipelined, single))  # fmt: skip
+    x = torch.randint(0, a.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        la, lb = a(x).logits, b(x).logits
+    assert float((la - lb).abs().max() / lb.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["backend.pp=2", "backend=zero2"], "PipelineModule"),
+        (["backend.pp=2", "backend.pp_schedule=zbv"], "zero-bubble"),
+        (["backend.pp=2", "backend.pp_schedule=nope"], "choose one of"),
+        (["backend.pp=2", "backend.pp_schedule=interleaved_1f1b"], "pp_virtual=2"),
+        (["backend.pp=2", "backend.pp_virtual=2"], "needs an interleaved schedule"),
+        (["backend.pp=3"], "does not split into backend.pp=3"),
+        (["backend.pp=2", "model.tie_embeddings=true"], "tied embeddings"),
+        (["backend.pp=2", "precision=fp16"], "precision=fp16"),
+        (["backend.pp=0"], "must be >= 1"),
+        (["backend.pp=2", "experiment=vision_smoke"], "image models train data-parallel"),
+    ],
+)
+def test_validation_refuses_with_the_fix(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        validate(compose([*TINY, "model.num_layers=4", *overrides]))
+
+
+def test_plan_checks_k_and_world():
+    cfg = compose([*TINY, "model.num_layers=4", "backend.pp=4"])
+    with pytest.raises(ValueError, match="needs K >= backend.pp=4 .* got K=2"):
+        check_plan(cfg, 2, 8)
+    with pytest.raises(ValueError, match="does not divide the world size 6"):
+        check_plan(cfg, 8, 6)
+    hsdp = compose(
+        [*TINY, "model.num_layers=4", "backend.pp=2", "backend=hsdp", "backend.replicate=3"]
+    )
+    with pytest.raises(ValueError, match="backend.replicate=3 does not divide the 4 ranks"):
+        check_plan(hsdp, 4, 8)
+    check_plan(cfg, 4, 8)  # K = stages: fine for 1f1b
+    cfg = compose([*TINY, "model.num_layers=8", "backend.pp=4", "backend.pp_virtual=2",
+                   "backend.pp_schedule=interleaved_1f1b"])  # fmt: skip
+    with pytest.raises(ValueError, match="divisible by max"):
+        check_plan(cfg, 9, 4)  # rounds = 9 // 4 = 2 does not divide 9
+    check_plan(cfg, 10, 4)
+    assert list(stage_layers(8, 4, 3)) == [6, 7]
+
+
+def test_planner_bubble_and_stage_memory_by_hand():
+    # p=4, K=8: GPipe/1F1B idle 3 of 11 slots; interleaved v=2: 3 of 19
+    assert plan_pp.bubble_fraction(4, 8) == pytest.approx(3 / 11)
+    assert plan_pp.bubble_fraction(4, 8, v=2) == pytest.approx(3 / 19)
+    assert plan_pp.step_time(8.0, 4, 8) == pytest.approx(11.0)
+    # GPipe holds all K micro-batches on every stage; 1F1B holds p - s (stage 0: p, any K)
+    assert [plan_pp.in_flight("gpipe", 4, 8, s) for s in range(4)] == [8, 8, 8, 8]
+    assert [plan_pp.in_flight("1f1b", 4, 8, s) for s in range(4)] == [4, 3, 2, 1]
+    assert plan_pp.in_flight("1f1b", 4, 64, 0) == 4 and plan_pp.in_flight("1f1b", 4, 2, 0) == 2
+    # interleaved, p=4 v=2 K=8: rounds 2, 4 per round: stage 0 warms up (2-1)*4 + 2*3 = 10, +1
+    assert plan_pp.in_flight("interleaved_1f1b", 4, 8, 0, v=2) == 11
+    assert plan_pp.in_flight("interleaved_1f1b", 4, 8, 3, v=2) == 5
+    stages = plan_pp.stage_plans("1f1b", 4, 8, 1, n_layers=32, layer_bytes=100.0)
+    assert [(s.layers, s.in_flight, s.activation_bytes) for s in stages] == [
+        (8, 4, 3200.0), (8, 3, 2400.0), (8, 2, 1600.0), (8, 1, 800.0)]  # fmt: skip
+
+
+def test_model_config_architectures_are_checked_before_start(tmp_path):
+    from transformers import GPT2Config, LlamaConfig
+
+    GPT2Config(n_layer=4).save_pretrained(tmp_path / "gpt2")
+    LlamaConfig(num_hidden_layers=6, hidden_size=64, intermediate_size=128,
+                num_attention_heads=4).save_pretrained(tmp_path / "llama6")  # fmt: skip
+    LlamaConfig(num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                tie_word_embeddings=True).save_pretrained(tmp_path / "tied")  # fmt: skip
+    validate(compose([*TINY, f"model.config={tmp_path / 'llama6'}", "backend.pp=2",
+                      "backend.pp_schedule=interleaved_1f1b", "backend.pp_virtual=3"]))  # fmt: skip
+    for folder, message in (("gpt2", "model_type='gpt2'"), ("llama6", "has 6 layers"),
+                            ("tied", "ties its input")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            validate(compose([*TINY, f"model.config={tmp_path / folder}", "backend.pp=4"]))
