@@ -107,9 +107,11 @@ def machine_host_gib() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
 
 
-def check_host(cfg, world: int, ranks_per_node: int, device: str) -> None:
-    """Refuse (ValueError) an offload run whose host need exceeds this node's memory, or whose
-    NVMe need exceeds the free space at backend.nvme_path. Runs before any process group."""
+def check_host(cfg, world: int, ranks_per_node: int, device: str,
+               memory_gib: float | None = None) -> None:  # fmt: skip
+    """Refuse (ValueError) an offload run whose host need exceeds this node's memory (the
+    machine's own, not a profile's; `memory_gib` to size another), or whose NVMe need exceeds
+    the free space at backend.nvme_path. Runs before any process group."""
     if not offloads(cfg.backend):
         return
     from gradcycle.planner import host
@@ -125,7 +127,7 @@ def check_host(cfg, world: int, ranks_per_node: int, device: str) -> None:
     setup = make_setup(cfg, shape, world, max(1, world // ranks_per_node), micro,
                        cfg.backend.sync if cfg.backend.sync != "auto" else "per_micro", ac)  # fmt: skip
     h = host.inputs_from_config(cfg, ranks_per_node, device)
-    memory = cfg.hardware.host_memory_gb or machine_host_gib()
+    memory = memory_gib or machine_host_gib()
     nvme_free = None
     if cfg.backend.offload_device == "nvme" and cfg.backend.nvme_path:
         nvme_free = shutil.disk_usage(os.path.expanduser(cfg.backend.nvme_path)).free
@@ -275,3 +277,19 @@ class HostStepTimer:
             return None
         out, self.seconds = self.seconds, 0.0
         return out
+
+
+def before_build(cfg, device) -> None:
+    """Before a backend allocates: the pinned allocator's rounding threshold (CUDA only; a CPU
+    run pins nothing)."""
+    if offloads(cfg.backend) and device.type == "cuda":
+        configure_pinned()
+
+
+def after_build(cfg, optimizer) -> None:
+    """Once the backend is built: release start-up's cached pinned blocks and time the host
+    optimizer's step (its own field in every metrics record)."""
+    HostStepTimer._instance = None  # a new run in this process (tests, the OOM retry)
+    if offloads(cfg.backend):
+        release_pinned_cache()
+        HostStepTimer.instance().attach(optimizer)

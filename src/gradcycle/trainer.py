@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from gradcycle import checkpoint, distributed, hardware
+from gradcycle import checkpoint, distributed, hardware, offload
 from gradcycle.backends import build_backend
 from gradcycle.batching import BatchPlan, lr_at, plan_from_config
 from gradcycle.config import validate
@@ -103,6 +103,8 @@ def run(cfg) -> dict:
     nodes = distributed.nodes_from_env() or cfg.nodes
     # train.micro_batch_size=auto / backend.sync=auto: the planner's choice, global batch kept
     cfg = plan_auto.resolve_auto(cfg, env.world_size, nodes)
+    # before any process group: the host memory an offload run needs against this node's
+    offload.check_host(cfg, env.world_size, env.local_world_size, where)
     for attempt in range(plan_auto.MAX_OOM_RETRIES + 1):
         try:
             return _run(cfg, env, nodes)
@@ -283,6 +285,10 @@ def _record(state, plan: BatchPlan, cfg, env, loss, result, tokens, dt, lr, fpt,
         "mfu": fpt[0] * tokens_per_s / peak if peak else None,
         "hfu": fpt[1] * tokens_per_s / peak if peak else None,  # + activation recompute
         "peak_mem_bytes": peak_memory_bytes(device),
+        # host offload: the host optimizer's step (None without offload), RSS, pinned memory
+        "host_step_s": offload.HostStepTimer.instance().take(),
+        "host_rss_bytes": offload.host_rss_bytes(),
+        "pinned_bytes": offload.pinned_bytes(),
         "skipped": bool(result.skipped),
         "skipped_steps": state.skipped_steps,
         "overflow_steps": state.overflow_steps,

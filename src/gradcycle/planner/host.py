@@ -289,14 +289,16 @@ def offload_time(setup, h: HostInputs) -> OffloadTime:
     )
     if not host and not setup.offload_param:
         return OffloadTime()
-    down = up_micro = up_step = 0.0
+    down = up_micro = up_step = host_add = 0.0
     if b in ("fsdp", "hsdp"):
         shard = setup.shape.model_shard(setup.shard)
         params = shard
         syncs = k if setup.sync == "per_micro" else 1
         up_micro = 2 * shard * 4.0  # every all-gather copies its fp32 shard up (forward, backward)
         down = shard * float(n.reduce) * syncs / k  # reduced gradient shards
-        up_micro += shard * float(n.reduce) * max(0, syncs - 1) / k  # accumulated on the host
+        # from the second reduction on, FSDP2 adds the copy to the host gradient on the CPU
+        # (_fsdp_collectives.py l. 744-749): read two fp32 shards, write one
+        host_add = max(0, syncs - 1) * shard * 12.0
     else:
         part = zero._partitions(setup.shape, setup.world)[0]
         params = part if setup.offload_optimizer else 0
@@ -317,6 +319,8 @@ def offload_time(setup, h: HostInputs) -> OffloadTime:
     step_s = up_step / bw if bw and h.device == "cuda" else 0.0
     rate = host_adam_rate(h)
     host_s = params / rate if params and rate else 0.0
+    if host_add and h.host_memory_gbps:
+        host_s += host_add / (h.host_memory_gbps * GB / h.ranks_per_node)
     nv_r = nv_w = 0.0
     if h.offload_device == "nvme":
         part = zero._partitions(setup.shape, setup.world)[0]
