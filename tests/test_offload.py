@@ -149,10 +149,18 @@ def test_host_terms_of_fsdp_cpu_offload_by_hand():
 
 
 def test_planner_refuses_a_host_that_cannot_hold_it():
+    from gradcycle.config import validate
+    from gradcycle.model import build_model, count_params
     from gradcycle.planner.plan import make_plan
     from gradcycle.planner.report import render_json
 
-    ok = render_json(make_plan(compose(P70)))
+    cfg = compose(P70)
+    validate(cfg)
+    assert cfg.data.seq_len * cfg.train.global_batch_size == 4096 * 512
+    plan = make_plan(cfg)
+    assert count_params(build_model(cfg.model, 32000, "meta")) == plan.shape.n_params
+    assert plan.configured.setup.accumulation == 64 and plan.configured.micro == 1
+    ok = render_json(plan)
     assert ok["fits"] and ok["host_fits"] and ok["step_time_s"] > ok["exposed_comm_s"]
     assert ok["offload"]["exposed_s"] > ok["offload"]["host_step_s"] > 0
     small = render_json(make_plan(compose([*P70, "hardware.host_memory_gb=1024"])))
