@@ -16,6 +16,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 
+# libaio: DeepSpeed's async_io op (NVMe offload, backend.offload_device=nvme) builds against it,
+# JIT at first use (with the -devel base image's compiler) or prebuilt with DS_BUILD_AIO=1.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libaio-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 # An unprivileged user owns the working tree (outputs/, caches); nothing runs as root.
 RUN useradd --create-home --uid 1000 --shell /bin/bash gradcycle \
     && install -d -o gradcycle -g gradcycle /workspace/gradcycle

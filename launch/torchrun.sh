@@ -17,7 +17,15 @@ else
 fi
 PYTHON=${GRADCYCLE_PYTHON:-$ROOT/.venv/bin/python}
 [[ -x $PYTHON ]] || PYTHON=$(command -v python3)
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# The node's cores split over its ranks: N ranks x all cores thrash, one thread per rank starves
+# the host optimizer of an offload run (backend.offload_*: AdamW runs on these threads).
+# GRADCYCLE_OMP_THREADS overrides; GRADCYCLE_NUMA_BINDING=node|socket|exclusive pins each rank
+# (torchrun --numa-binding, where this torch has it).
+CORES=$(nproc 2>/dev/null || echo 1)
+export OMP_NUM_THREADS=${GRADCYCLE_OMP_THREADS:-$((CORES / NPROC > 0 ? CORES / NPROC : 1))}
 export TOKENIZERS_PARALLELISM=false
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node="$NPROC" \
+BIND=()
+[[ -n ${GRADCYCLE_NUMA_BINDING:-} ]] && BIND=(--numa-binding="$GRADCYCLE_NUMA_BINDING")
+echo "gradcycle: $CORES cores, $NPROC rank(s), OMP_NUM_THREADS=$OMP_NUM_THREADS" >&2
+exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node="$NPROC" "${BIND[@]}" \
 	"$ROOT/train.py" "$@"

@@ -77,8 +77,8 @@ def test_batch_key_in_deepspeed_config_is_rejected(key):
      ["backend.param_persistence_threshold", "zero3"]),
     (["backend=ddp", "+backend.deepspeed_config.zero_optimization.stage=2"],
      ["backend.deepspeed_config", "backend=ddp"]),
-    (["backend=zero3", "precision=bf16", "+backend.deepspeed_config.data_types.grad_accum_dtype=fp32"],
-     ["grad_accum_dtype=fp32", "ignore it", "backend=zero1"]),
+    (["backend=zero3", "precision=bf16", "+backend.deepspeed_config.data_types.grad_accum_dtype=fp16"],
+     ["grad_accum_dtype=fp16", "fp32"]),
 ])  # fmt: skip
 def test_deepspeed_user_errors_before_any_process(overrides, words):
     msg = _error(overrides)

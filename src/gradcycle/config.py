@@ -130,8 +130,15 @@ class BackendConfig:
     name: str = "ddp"  # ddp | zero1 | zero2 | zero3 | fsdp | hsdp
     sync: str = "auto"  # auto | per_cycle | per_micro
     zero_stage: int = 0  # set by the zero* presets
-    offload_optimizer: bool = False  # DeepSpeed: optimizer states in host memory
-    offload_param: bool = False  # DeepSpeed ZeRO-3: parameters in host memory
+    # Host offload (docs/planner.md "Host memory"): zero1-3 offload the optimizer (fp32 masters,
+    # moments, fp32 gradients) and zero3 the parameters too; fsdp/hsdp: offload_param=true is
+    # FSDP2's CPUOffloadPolicy (parameter and gradient shards on the host, optimizer step there).
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    offload_device: str = "cpu"  # cpu | nvme (DeepSpeed's ZeRO-Infinity; needs nvme_path)
+    nvme_path: str | None = None  # a folder on a local NVMe drive, one per node
+    nvme_buffer_count: int = 5  # DeepSpeed offload_param.buffer_count (pinned swap buffers)
+    nvme_buffer_size: int = 100_000_000  # elements per parameter swap buffer (buffer_size)
     param_persistence_threshold: int | None = None  # ZeRO-3 stage3_param_persistence_threshold
     deepspeed_config: dict[str, Any] = field(default_factory=dict)  # merged into the generated one
     replicate: int | None = None  # hsdp: replica groups (default: number of nodes)
@@ -193,6 +200,18 @@ class HardwareConfig:
     inter_node_gbps: float | None = None
     reserved_gb: float | None = None  # planner: memory_gb not available to tensors (context, NCCL)
     bf16: bool | None = None  # computes bf16 natively: the planner's precision=auto is bf16
+    # The node around the GPUs (planner/host.py): host memory, cores, links; auto: this machine's
+    # memory and cores, the profile's links.
+    host_memory_gb: float | None = None  # GiB of host memory per node
+    host_reserved_gb: float | None = None  # of it, kept for the OS, daemons, file systems
+    host_cores: int | None = None  # physical cores per node (host optimizer threads)
+    host_adam_gparams: float | None = None  # torch fused AdamW on the host, Gparam/s per core
+    host_memory_gbps: float | None = None  # host memory bandwidth per node (caps the AdamW rate)
+    pcie_gbps: float | None = None  # host <-> GPU per GPU and direction, GB/s
+    gpus_per_pcie_uplink: int | None = None  # GPUs sharing one PCIe uplink to the CPU
+    nvme_gb: float | None = None  # local NVMe capacity per node, GB
+    nvme_read_gbps: float | None = None  # per node, GB/s
+    nvme_write_gbps: float | None = None
 
 
 @dataclass
@@ -382,6 +401,11 @@ def validate(cfg: Any, this_machine: bool = True) -> None:
     for key in ("memory_gb", "bf16_tflops", "intra_node_gbps", "inter_node_gbps"):
         _positive(f"hardware.{key}", cfg.hardware[key])
     _positive("hardware.reserved_gb", cfg.hardware.reserved_gb, allow_zero=True)
+    for key in ("host_memory_gb", "host_cores", "host_adam_gparams", "host_memory_gbps",
+                "pcie_gbps", "gpus_per_pcie_uplink", "nvme_gb", "nvme_read_gbps",
+                "nvme_write_gbps"):  # fmt: skip
+        _positive(f"hardware.{key}", cfg.hardware[key])
+    _positive("hardware.host_reserved_gb", cfg.hardware.host_reserved_gb, allow_zero=True)
     if cfg.hardware.name != "auto" and cfg.hardware.memory_gb is None:
         raise ValueError(
             f"hardware={cfg.hardware.name} sets no hardware.memory_gb: give the profile its memory "
@@ -393,10 +417,9 @@ def validate(cfg: Any, this_machine: bool = True) -> None:
             f"backend.deepspeed_config is set but backend={cfg.backend.name} is not DeepSpeed: "
             "use backend=zero1|zero2|zero3 or remove backend.deepspeed_config"
         )
-    if cfg.backend.offload_param and cfg.backend.name != "zero3":
-        raise ValueError(
-            "backend.offload_param needs backend=zero3 (only ZeRO-3 partitions parameters)"
-        )
+    from gradcycle.offload import check_config as check_offload
+
+    check_offload(cfg, this_machine)  # backend.offload_* / nvme_*: gradcycle/offload.py
     from gradcycle.backends.ds_config import check_user_config
 
     check_user_config(cfg)  # DeepSpeed's own rules (batch keys, sync), before any process group

@@ -37,7 +37,9 @@ GPU_PROFILES = (
     (r"\bA100\b", 0, "a100-40gb"),
 )
 PROFILE_FIELDS = ("memory_gb", "bf16_tflops", "intra_node_gbps", "inter_node_gbps", "reserved_gb",
-                  "bf16")  # fmt: skip
+                  "bf16", "host_memory_gb", "host_reserved_gb", "host_cores", "host_adam_gparams",
+                  "host_memory_gbps", "pcie_gbps", "gpus_per_pcie_uplink", "nvme_gb",
+                  "nvme_read_gbps", "nvme_write_gbps")  # fmt: skip
 
 
 def profile_for(device_name: str, memory_gib: float) -> str | None:
@@ -152,7 +154,16 @@ def _resolve_profile(cfg, device_type: str, for_planner: bool):
             profile = load_profile(name)
     cfg = copy.deepcopy(cfg)
     cfg.hardware.name = name
+    profile = {**profile, **machine_host()}
     for key in PROFILE_FIELDS:
         if cfg.hardware[key] is None:  # None: not set explicitly, the profile's value
             cfg.hardware[key] = profile.get(key)
     return cfg
+
+
+def machine_host() -> dict:
+    """This machine's host memory (GiB) and cores, for hardware=auto."""
+    import os
+
+    gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"host_memory_gb": round(gib, 1), "host_cores": os.cpu_count()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+from gradcycle import offload
 from gradcycle.batching import BatchPlan
 from gradcycle.telemetry import peak_memory_bytes
 
@@ -34,6 +35,10 @@ def step_record(state, plan: BatchPlan, cfg, env, loss, result, tokens, dt, lr, 
         "mfu": fpt[0] * tokens_per_s / peak if peak else None,
         "hfu": fpt[1] * tokens_per_s / peak if peak else None,  # + activation recompute
         "peak_mem_bytes": peak_memory_bytes(device),
+        # host offload: the host optimizer's step (None without offload), RSS, pinned memory
+        "host_step_s": offload.HostStepTimer.instance().take(),
+        "host_rss_bytes": offload.host_rss_bytes(),
+        "pinned_bytes": offload.pinned_bytes(),
         "skipped": bool(result.skipped),
         "skipped_steps": state.skipped_steps,
         "overflow_steps": state.overflow_steps,

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from gradcycle import attention, checkpoint, distributed, hardware
+from gradcycle import attention, checkpoint, distributed, hardware, offload
 from gradcycle.backends import build_backend, check_plan, data_parallel_env
 from gradcycle.batching import lr_at, plan_from_config
 from gradcycle.config import validate
@@ -115,6 +115,8 @@ def run(cfg) -> dict:
         cfg = vision_plan.resolve_auto(cfg, env.world_size)
     else:
         cfg = plan_auto.resolve_auto(cfg, env.world_size, nodes)
+    # before any process group: the host memory an offload run needs against this node's
+    offload.check_host(cfg, env.world_size, env.local_world_size, where)
     for attempt in range(plan_auto.MAX_OOM_RETRIES + 1):
         try:
             return _run(cfg, env, nodes)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from gradcycle import offload
 from gradcycle.backends.base import Backend, StepResult, SyncPlan, build_optimizer
 from gradcycle.backends.ds_config import (
     build_ds_config,
@@ -117,6 +118,7 @@ class DeepSpeedBackend(Backend):
             (run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
 
         self._hf_ds_config = None
+        offload.before_build(cfg, device)
         # Parameters are built in the dtype the engine keeps them in (bf16/fp16 under those
         # precisions; the fp32 masters live in the optimizer's partitions): no fp32 full copy.
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
@@ -141,6 +143,7 @@ class DeepSpeedBackend(Backend):
             self._forget_hf_ds_config()
             raise
         self.model = self.engine
+        offload.after_build(cfg, self.optimizer)
         if self.stage > 1 and self.sync == "per_cycle":
             self._check_coalescing()
         self.loss_factor = float(dist.get_world_size())

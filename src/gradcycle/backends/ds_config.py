@@ -61,7 +61,9 @@ def grad_accum_dtype(stage: int, precision: str, user: dict | None = None) -> st
     chosen = ((user or {}).get("data_types") or {}).get("grad_accum_dtype")
     if stage == 1 and precision == "bf16":
         return chosen or GRAD_ACCUM_ZERO1_BF16
-    return precision
+    # ZeRO-2/3 honour it (deepspeed 0.19.8: stage3.py l. 790-792 allocates the gradient
+    # partitions in it; stage_1_and_2.py l. 1259-1276 keeps a compact fp32 partition buffer)
+    return chosen or precision
 
 
 def zero_stage(backend_cfg) -> int:
@@ -157,12 +159,11 @@ def check_user_config(cfg) -> None:
             f"for every backend; set backend.reduce_dtype={str(comm).lower()} and drop the key"
         )
     accum = (extra.get("data_types") or {}).get("grad_accum_dtype")
-    if accum is not None and stage > 1 and str(accum) != cfg.precision:
+    if accum is not None and str(accum) not in ("fp32", cfg.precision):
         raise ValueError(
-            f"backend.deepspeed_config.data_types.grad_accum_dtype={accum} with backend={b.name}: "
-            "DeepSpeed ZeRO-2/3 ignore it and accumulate gradients in the parameter dtype; for "
-            "fp32 accumulation under bf16 use backend=zero1 (its default here) or backend=fsdp "
-            "(fp32 gradient shards), or drop the key"
+            f"backend.deepspeed_config.data_types.grad_accum_dtype={accum} with precision="
+            f"{cfg.precision}: gradients accumulate in fp32 or in the parameter dtype; use fp32 "
+            "or drop the key"
         )
     sync = resolve_sync(b)
     if stage == 1 and sync == "per_micro":
@@ -191,10 +192,15 @@ def build_ds_config(cfg, plan, on_gpu: bool) -> dict:
     # overlap_comm: reduce gradient buckets on a side stream while backward goes on. DeepSpeed
     # turns it on by default for stage 3 only; stages 1/2 would reduce serially with backward.
     zero: dict[str, Any] = {"stage": stage, "overlap_comm": True}
+    # backend.offload_*: "cpu", or "nvme" (ZeRO-Infinity) swapping into backend.nvme_path
+    nvme = {"nvme_path": b.nvme_path} if b.offload_device == "nvme" else {}
     if b.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+        zero["offload_optimizer"] = {"device": b.offload_device, "pin_memory": on_gpu, **nvme}
     if b.offload_param:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+        zero["offload_param"] = {"device": b.offload_device, "pin_memory": on_gpu, **nvme}
+        if nvme:
+            zero["offload_param"].update(buffer_count=b.nvme_buffer_count,
+                                         buffer_size=b.nvme_buffer_size)  # fmt: skip
     if stage == 3 and b.param_persistence_threshold is not None:
         zero["stage3_param_persistence_threshold"] = int(b.param_persistence_threshold)
     ds = {

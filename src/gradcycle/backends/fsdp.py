@@ -35,8 +35,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 
+from gradcycle import offload
 from gradcycle.backends.base import SyncPlan, TorchBackend
 from gradcycle.distributed import nodes_from_env
 from gradcycle.model import decoder_layers
@@ -96,17 +103,19 @@ def mp_policy(precision: str, reduce_dtype: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce)
 
 
-def shard_model(module: nn.Module, mesh, mp: MixedPrecisionPolicy, per_cycle: bool) -> list:
+def shard_model(module: nn.Module, mesh, mp: MixedPrecisionPolicy, per_cycle: bool,
+                off: OffloadPolicy | None = None) -> list:  # fmt: skip
     """Apply the sharding plan in place (bottom-up: layers, then the root). Returns the units.
 
     Works on a meta-device model: nothing is allocated, so the plan of a 70B model is cheap.
     """
     reshard = False if per_cycle else None  # None: FSDP2's default (True, root False)
+    kw = {"mesh": mesh, "mp_policy": mp, "offload_policy": off or OffloadPolicy()}
     units = []
     for layer in decoder_layers(module):
-        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+        fully_shard(layer, reshard_after_forward=reshard, **kw)
         units.append(layer)
-    fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(module, reshard_after_forward=reshard, **kw)
     return [*units, module]
 
 
@@ -145,15 +154,21 @@ class FSDPBackend(TorchBackend):
         names = ("shard",) if self.name == "fsdp" else ("replicate", "shard")
         self.mesh = init_device_mesh(device.type, self.shape, mesh_dim_names=names)
         self.mp = mp_policy(cfg.precision, bc.reduce_dtype)
+        # backend.offload_param: CPUOffloadPolicy, shards and gradients in (pinned) host memory
+        # and the optimizer step on the host; the shards are then allocated there
+        off = CPUOffloadPolicy(pin_memory=device.type == "cuda") if bc.offload_param else None
+        offload.before_build(cfg, device)
         module = make_model("meta")
-        self.units = shard_model(module, self.mesh, self.mp, self.sync == "per_cycle")
+        self.units = shard_model(module, self.mesh, self.mp, self.sync == "per_cycle", off)
         with CommCounter.instance().suspended():  # start-up traffic is not a training step's
-            self.bytes_read = materialise(module, cfg.model, cfg.seed, device)
+            home = torch.device("cpu") if off else device
+            self.bytes_read = materialise(module, cfg.model, cfg.seed, home)
         if bc.compile:
             # After fully_shard, so FSDP's hooks stay outside the compiled regions.
             for layer in self.units[:-1]:
                 layer.compile()
         super().__init__(cfg, module, module, device, world)
+        offload.after_build(cfg, self.optimizer)
 
     def _params_in_low_precision(self) -> bool:
         return self.mp.param_dtype is not None  # FSDP2 casts; autocast would be redundant

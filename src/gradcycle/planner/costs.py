@@ -101,6 +101,7 @@ class StepTime:
     step_s: float
     tokens_per_s: float  # all GPUs
     mfu: float  # model FLOPs utilisation this step time implies
+    offload_s: float = 0.0  # of step_s: host offload (PCIe, host optimizer, NVMe; planner/host.py)
 
 
 def flops_per_token(setup: Setup) -> tuple[float, float]:

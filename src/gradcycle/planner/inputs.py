@@ -167,7 +167,7 @@ def make_setup(cfg, shape: Shape, world: int, nodes: int, micro: int, sync: str,
         optimizer=cfg.optim.name, momentum=cfg.optim.momentum,
         reduce_dtype=cfg.backend.reduce_dtype,
         offload_optimizer=cfg.backend.offload_optimizer and b.startswith("zero"),
-        offload_param=cfg.backend.offload_param and b == "zero3",
+        offload_param=cfg.backend.offload_param and b in ("zero3", "fsdp", "hsdp"),
         zero=zero, loss=cfg.loss.impl, loss_chunk=cfg.loss.chunk_tokens,
         device=target, attention_mask=mask_kind(cfg.data.document_mask, target),
     )  # fmt: skip

@@ -189,6 +189,8 @@ def model_states(setup: Setup) -> dict[str, float]:
         return {"parameters": psi * n.param, "gradients": psi * n.grad, "optimizer": psi * k}
     if setup.backend in ("fsdp", "hsdp"):
         local = s.model_shard(setup.shard)
+        if setup.offload_param:  # CPUOffloadPolicy: shards, gradients, optimizer on the host
+            return {"parameters": 0.0, "gradients": 0.0, "optimizer": 0.0}
         return {"parameters": local * 4, "gradients": local * 4, "optimizer": local * k}
     return zero.model_states(setup, setup.zero, k)
 

@@ -16,6 +16,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 
+from gradcycle.planner import host as hostmem
 from gradcycle.planner.costs import Collective, StepTime, collectives, step_time
 from gradcycle.planner.inputs import (
     UnknownShape,
@@ -44,6 +45,8 @@ class Candidate:
     colls: list[Collective]
     time: StepTime
     ac: tuple[str, int]
+    host: hostmem.HostEstimate | None = None  # per node (planner/host.py)
+    offload: hostmem.OffloadTime = field(default_factory=hostmem.OffloadTime)
 
     micro = property(lambda self: self.setup.micro)
     sync = property(lambda self: self.setup.sync)
@@ -82,7 +85,29 @@ def evaluate(cfg, shape: Shape, world: int, nodes: int, micro: int, sync: str,
     timed = colls if known else []
     t = step_time(setup, timed, hw.bf16_tflops or 1.0, hw.intra_node_gbps or 1.0,
                   hw.inter_node_gbps or 1.0, cfg.plan.mfu)  # fmt: skip
-    return Candidate(setup, estimate(setup), colls, t, ac)
+    # the node's host memory, PCIe links, cores and NVMe (planner/host.py)
+    h = hostmem.inputs_from_config(
+        cfg, max(1, world // nodes), "cpu" if hw.name == "cpu" else "cuda"
+    )
+    off = hostmem.offload_time(setup, h)
+    if off.active and known:
+        t = with_offload(
+            t, hostmem.exposed(off, t.compute_s / setup.accumulation, setup.accumulation)
+        )
+    return Candidate(setup, estimate(setup), colls, t, ac, hostmem.estimate(setup, h), off)
+
+
+def with_offload(t: StepTime, extra: float) -> StepTime:
+    from dataclasses import replace
+
+    step = t.step_s + extra
+    scale = t.step_s / step if step > 0 else 0.0
+    return replace(t, step_s=step, tokens_per_s=t.tokens_per_s * scale, mfu=t.mfu * scale,
+                   offload_s=extra)  # fmt: skip
+
+
+def fits_host(c: Candidate) -> bool:
+    return c.host is None or c.host.fits
 
 
 def search(cfg, shape, world, nodes, acs, limit: float, backend=None) -> Candidate | None:
@@ -96,6 +121,7 @@ def search(cfg, shape, world, nodes, acs, limit: float, backend=None) -> Candida
         for sync in syncs
         for ac in acs
         if (c := evaluate(cfg, shape, world, nodes, micro, sync, ac, b, zero)).est.peak <= limit
+        and fits_host(c)
     ]
     return min(fitting, key=Candidate.key) if fitting else None
 
@@ -141,7 +167,7 @@ def _target(cfg):
 
 
 def _fit_key(limit: float):
-    return lambda c: (c.est.peak > limit, c.key())
+    return lambda c: (c.est.peak > limit or not fits_host(c), c.key())
 
 
 def alternatives(cfg, shape, world, nodes, limit) -> list[tuple[str, Candidate]]:
@@ -161,11 +187,41 @@ def alternatives(cfg, shape, world, nodes, limit) -> list[tuple[str, Candidate]]
         if out:
             break
     if not any(what.startswith("backend=") and "nodes=" not in what for what, _ in out):
-        off = copy.deepcopy(cfg)
-        off.backend.offload_optimizer = True
-        if (c := search(off, shape, world, nodes, AC_OPTIONS, limit, "zero3")) is not None:
-            out.append(("backend=zero3 backend.offload_optimizer=true (host memory, slower)", c))
+        out = offload_alternatives(cfg, shape, world, nodes, limit) + out
     return out[:4]
+
+
+# Host offload, least host traffic first: (overrides, backend, offload_optimizer, offload_param,
+# offload_device)
+OFFLOADS = (
+    ("backend=zero3 backend.offload_optimizer=true", "zero3", True, False, "cpu"),
+    ("backend=fsdp backend.offload_param=true", "fsdp", False, True, "cpu"),
+    ("backend=zero3 backend.offload_optimizer=true backend.offload_param=true", "zero3", True, True,
+     "cpu"),
+    ("backend=zero3 backend.offload_optimizer=true backend.offload_param=true "
+     "backend.offload_device=nvme backend.nvme_path=<NVMe folder>", "zero3", True, True, "nvme"),
+)  # fmt: skip
+
+
+def offload_alternatives(cfg, shape, world, nodes, limit) -> list[tuple[str, Candidate]]:
+    """Offload settings that fit GPU and host memory: on the fewest nodes that hold them (down to
+    one), each with its host need and step time."""
+    gpn = max(1, world // nodes)
+    out = []
+    for what, b, opt, par, dev in OFFLOADS:
+        off = copy.deepcopy(cfg)
+        off.backend.offload_optimizer, off.backend.offload_param = opt, par
+        off.backend.offload_device = dev
+        for n in sorted({1, *(d for d in (nodes // 4, nodes // 2, nodes) if d >= 1)}):
+            w = gpn * n
+            if cfg.train.global_batch_size and cfg.train.global_batch_size % w:
+                continue
+            if (c := search(off, shape, w, n, AC_OPTIONS, limit, b)) is not None:
+                where = f" nodes={n} ({w} GPUs)" if n != nodes else ""
+                need = f"host {c.host.node / GIB:,.0f} GiB per node" if c.host else ""
+                out.append((f"{what}{where} ({need}, slower)", c))
+                break
+    return out
 
 
 def warnings_for(plan: Plan, cand: Candidate | None) -> list[str]:
@@ -201,13 +257,17 @@ def warnings_for(plan: Plan, cand: Candidate | None) -> list[str]:
             f"predicted peak {share}: fragmentation can push it over; lower "
             "train.micro_batch_size or enable activation checkpointing"
         )
-    if k >= MANY_MICRO_BATCHES and s.num.grad == 2 and s.backend.startswith("zero"):
+    if cand.host is not None and not cand.host.fits:
+        out.append(f"host memory: {hostmem.verdict(cand.host)}; will not fit on the host;"
+                   f"{fixes(plan)}")  # fmt: skip
+    if (k >= MANY_MICRO_BATCHES and s.num.grad == 2 and s.backend.startswith("zero")
+            and not s.zero.grad_accum):  # fmt: skip
         out.append(
             f"gradients accumulate in bf16 over K={k} micro-batches (DeepSpeed's bf16 ZeRO keeps "
-            "its gradients in the parameter dtype), each addition rounding to 8 significant "
-            "bits: prefer fewer, larger micro-batches, or fp32 accumulation where DeepSpeed "
-            "supports it (backend.deepspeed_config.data_types.grad_accum_dtype=fp32); fsdp keeps "
-            "fp32 gradient shards"
+            "its gradients in the parameter dtype by default), each addition rounding to 8 "
+            "significant bits: accumulate in fp32 with "
+            "+backend.deepspeed_config.data_types.grad_accum_dtype=fp32 (ZeRO-2/3 honour it: "
+            "+2 B/param for the gradient partition), or prefer fewer, larger micro-batches"
         )
     if (k >= MANY_MICRO_BATCHES and s.backend in ("fsdp", "hsdp") and s.sync == "per_cycle"
             and s.num.reduce == 2):  # fmt: skip

@@ -17,9 +17,41 @@ def _run(plan: Plan) -> Candidate | None:
     return plan.configured if plan.configured is not None else plan.auto
 
 
+def _host_fields(c: Candidate) -> dict:
+    h, t = c.host, c.offload
+    if h is None:
+        return {}
+    out = {
+        "host_memory_bytes": int(h.node),  # per node, at the start-up peak
+        "host_memory_steady_bytes": int(h.steady),
+        "host_budget_bytes": int(h.budget) if h.budget is not None else None,
+        "host_fits": h.fits,
+        "host_per_rank": {k: int(v) for k, v in h.per_rank.items()},
+        "pinned_bytes": {
+            "requested": int(h.pinned_requested),
+            "allocated": int(h.pinned_allocated),
+            "power_of_two": int(h.pinned_power_of_two),
+            "saving": int(h.rounding_saving),
+        },  # fmt: skip
+        "nvme_bytes": int(h.nvme),
+    }
+    if t.active:
+        out["offload"] = {
+            "pcie_down_bytes_per_micro": int(t.pcie_down_micro),
+            "pcie_up_bytes_per_micro": int(t.pcie_up_micro),
+            "pcie_up_bytes_per_step": int(t.pcie_up_step), "pcie_gbps_per_gpu": t.pcie_gbps,
+            "pcie_s_per_micro": t.pcie_micro_s, "pcie_s_per_step": t.pcie_step_s,
+            "host_optimizer_params": t.host_params, "host_step_s": t.host_step_s,
+            "nvme_read_bytes": int(t.nvme_read), "nvme_write_bytes": int(t.nvme_write),
+            "nvme_s": t.nvme_s, "exposed_s": c.time.offload_s,
+        }  # fmt: skip
+    return out
+
+
 def _fields(c: Candidate, budget: float) -> dict:
     return {
-        "fits": c.est.peak <= budget,
+        "fits": c.est.peak <= budget and (c.host is None or c.host.fits),
+        "fits_gpu": c.est.peak <= budget,
         "micro_batch_size": c.micro,
         "accumulation_steps": c.setup.accumulation,
         "sync": c.sync,
@@ -34,6 +66,7 @@ def _fields(c: Candidate, budget: float) -> dict:
         "step_time_s": c.time.step_s,
         "exposed_comm_s": c.time.exposed_comm_s,
         "tokens_per_s": c.time.tokens_per_s,
+        **_host_fields(c),
     }
 
 
@@ -107,6 +140,8 @@ def render_text(plan: Plan) -> str:
         return "\n".join(lines + _warnings(plan))
     label = "configured" if plan.configured is not None else "auto"
     verdict = "fits" if run.est.peak <= plan.budget else "DOES NOT FIT"
+    if run.host is not None and not run.host.fits:
+        verdict += " on the GPU, but DOES NOT FIT ON THE HOST" if verdict == "fits" else ""
     lines += ["", f"{label}: {_describe(run)}",
               f"{'memory per GPU at its peak: ' + run.est.phase:<46}{'GiB':>8}"]  # fmt: skip
     for name, value in run.est.breakdown.items():
@@ -123,12 +158,14 @@ def render_text(plan: Plan) -> str:
     if run.est.per_cycle_extra > 0:
         lines.append(f"sync=per_cycle holds {run.est.per_cycle_extra / GIB:.2f} GiB more per GPU "
                      "than per_micro through the cycle")  # fmt: skip
+    lines += _host(run)
     lines += _collectives(plan, run)
     model_fpt = flops_per_token(run.setup)[0]
     per_gpu = cfg.plan.mfu * cfg.hardware.bf16_tflops * 1e12 / model_fpt
     lines.append(f"throughput: {model_fpt:.3g} FLOP/token (6N + 12·L·h·s); at {cfg.plan.mfu:.0%} "
                  f"MFU {per_gpu:,.0f} tokens/s per GPU, {per_gpu * plan.world:,.0f} in all")  # fmt: skip
-    lines.append(f"  with recompute and exposed communication: step {run.time.step_s:.2f} s, "
+    offload = f" and {run.time.offload_s:.1f} s of offload" if run.time.offload_s else ""
+    lines.append(f"  with recompute, exposed communication{offload}: step {run.time.step_s:.2f} s, "
                  f"{run.time.tokens_per_s:,.0f} tokens/s (MFU {run.time.mfu:.0%})")  # fmt: skip
     lines.append("")
     if plan.recommended is not None:
@@ -140,6 +177,34 @@ def render_text(plan: Plan) -> str:
     else:
         lines.append("NOTHING FITS: " + explain(plan))
     return "\n".join(lines + _warnings(plan))
+
+
+def _host(c: Candidate) -> list[str]:
+    h, t = c.host, c.offload
+    if h is None:
+        return []
+    from gradcycle.planner.host import verdict
+
+    ranks = len(h.per_rank) and round(h.node / sum(h.per_rank.values()))
+    out = [f"{f'host memory per node ({ranks} ranks), per rank:':<46}{'GiB':>8}"]
+    out += [f"  {name:<44}{_gib(value)}" for name, value in h.per_rank.items()]
+    out.append(f"  {'node total':<44}{_gib(h.node)}  {verdict(h)}")
+    if h.pinned_requested:
+        out.append(f"  pinned: {h.pinned_requested / GIB:,.1f} GiB requested, "
+                   f"{h.pinned_allocated / GIB:,.1f} allocated; torch's power-of-two rounding "
+                   f"alone would take {h.pinned_power_of_two / GIB:,.1f} "
+                   f"(saving {h.rounding_saving / GIB:,.1f} GiB)")  # fmt: skip
+    if h.nvme:
+        out.append(f"  NVMe: {h.nvme / GIB:,.0f} GiB per node")
+    if t.active:
+        out.append(f"offload per GPU: PCIe {t.pcie_down_micro / GIB:.2f} GiB down, "
+                   f"{t.pcie_up_micro / GIB:.2f} GiB up per micro-batch ({t.pcie_micro_s:.2f} s at "
+                   f"{t.pcie_gbps:.0f} GB/s per GPU), {t.pcie_up_step / GIB:.2f} GiB up after the "
+                   f"step ({t.pcie_step_s:.2f} s); host optimizer {t.host_params / 1e9:.2f}B params "
+                   f"{t.host_step_s:.1f} s" + (f"; NVMe {t.nvme_read / GIB:,.0f} GiB read, "
+                   f"{t.nvme_write / GIB:,.0f} GiB written per step ({t.nvme_s:.1f} s)"
+                   if t.nvme_s else ""))  # fmt: skip
+    return out
 
 
 def _collectives(plan: Plan, run: Candidate) -> list[str]:
