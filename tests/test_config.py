@@ -9,7 +9,7 @@ import pytest
 from conftest import RAGGED_DATA, ROOT, compose
 from omegaconf import OmegaConf
 
-from gradcycle.config import validate
+from gradcycle.validation import validate
 
 GROUPS = sorted(p.name for p in (ROOT / "conf").iterdir() if p.is_dir())
 # Groups whose options need a user value to be complete.

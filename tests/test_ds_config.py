@@ -47,7 +47,7 @@ def test_generated_config_sections():
 
 
 def _error(overrides: list[str]) -> str:
-    from gradcycle.config import validate
+    from gradcycle.validation import validate
 
     with pytest.raises(ValueError) as exc:
         validate(compose([*TINY, *overrides]))
@@ -111,7 +111,7 @@ def test_fp16_is_refused_where_deepspeed_has_no_fp16(monkeypatch, backend):
     assert f"precision=fp16 with backend={backend}" in msg
     assert "precision=bf16" in msg and "precision=fp32" in msg
     _fp16_kernels(monkeypatch, cpu=True)  # a CPU with the kernels: accepted
-    from gradcycle.config import validate
+    from gradcycle.validation import validate
 
     validate(compose([*TINY, f"backend={backend}", "precision=fp16"]))
 
@@ -128,7 +128,7 @@ def test_fp16_refusal_exits_2_before_anything_starts(monkeypatch, tmp_path, caps
 
 
 def test_fp16_check_asks_the_gpus_accelerator_on_a_gpu(monkeypatch):
-    from gradcycle.config import validate
+    from gradcycle.validation import validate
 
     # The CPU has no fp16 kernels but the run goes to the GPU, whose accelerator supports fp16.
     _fp16_kernels(monkeypatch, cpu=False, cuda=True)
@@ -140,7 +140,7 @@ def test_fp16_check_asks_the_gpus_accelerator_on_a_gpu(monkeypatch):
 
 def test_coalescing_with_bf16_on_zero2_is_valid(monkeypatch):
     # The spawn shows it coalesces (test_bf16_zero2_coalesces_gradient_reduction).
-    from gradcycle.config import validate
+    from gradcycle.validation import validate
 
     _fp16_kernels(monkeypatch, cpu=True)  # fp16 validity here is about coalescing, not kernels
     for backend in ("zero2", "zero3"):

@@ -240,7 +240,7 @@ def test_models_whose_logits_are_transformed_are_refused():
      ("loss.impl=liger", "loss.impl=liger")],
 )  # fmt: skip
 def test_loss_config_errors_name_the_field(override, match):
-    from gradcycle.config import validate
+    from gradcycle.validation import validate
 
     if override == "loss.impl=liger" and loss.liger_usable():
         pytest.skip("liger-kernel and CUDA are present here: loss.impl=liger is valid")

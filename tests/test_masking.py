@@ -59,7 +59,7 @@ def test_rows_without_document_starts():
     assert positions.tolist() == [0, 1, 0, 1, 2]
     host = collate([(ids, None), (ids[:3], None)], pad_id=0, document_mask=True)
     assert host.rows[2].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]  # padding continues
-    from gradcycle.config import validate
+    from gradcycle.validation import validate
 
     with pytest.raises(ValueError, match="data.document_mask=true needs data.packing=true"):
         validate(compose([*TINY, "data.packing=false", "data.document_mask=true"]))

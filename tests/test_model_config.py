@@ -127,8 +127,8 @@ def test_a_parameter_gradcycle_cannot_draw_is_named(tmp_path):
 
 
 def test_model_config_bad_input_fails_in_validation(tmp_path):
-    from gradcycle.config import validate
     from gradcycle.model import build_model
+    from gradcycle.validation import validate
 
     gpt2 = write_config(tmp_path, "gpt2")
     short = write_config(tmp_path / "short", "gpt2", {"max_position_embeddings": 32})

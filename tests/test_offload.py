@@ -149,10 +149,10 @@ def test_host_terms_of_fsdp_cpu_offload_by_hand():
 
 
 def test_planner_refuses_a_host_that_cannot_hold_it():
-    from gradcycle.config import validate
     from gradcycle.model import build_model, count_params
     from gradcycle.planner.plan import make_plan
     from gradcycle.planner.report import render_json
+    from gradcycle.validation import validate
 
     cfg = compose(P70)
     validate(cfg)
@@ -190,7 +190,7 @@ def test_start_up_check_refuses_before_any_process_group():
     (["backend=zero3", "backend.offload_device=nvme", "backend.nvme_path=/tmp"], ["offloads nothing"]),
 ])  # fmt: skip
 def test_offload_config_errors(overrides, words):
-    from gradcycle.config import validate
+    from gradcycle.validation import validate
 
     with pytest.raises(ValueError) as e:
         validate(compose(overrides))
@@ -200,7 +200,7 @@ def test_offload_config_errors(overrides, words):
 def test_nvme_needs_the_async_io_op(monkeypatch, tmp_path):
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
-    from gradcycle.config import validate
+    from gradcycle.validation import validate
 
     cfg = compose(["backend=zero3", "backend.offload_optimizer=true",
                    "backend.offload_device=nvme", f"backend.nvme_path={tmp_path}"])  # fmt: skip

@@ -64,7 +64,7 @@ def test_ddp_buffer_sync_uses_the_name_the_running_torch_has(monkeypatch):
     ],
 )  # fmt: skip
 def test_val_fraction_refusals_name_the_fix(overrides, words):
-    from gradcycle.config import validate
+    from gradcycle.validation import validate
 
     with pytest.raises(ValueError) as e:
         validate(compose([*TINY, *overrides]))

@@ -10,8 +10,8 @@ from multiproc import run_on_ranks
 
 from gradcycle.backends.pipeline import stage_layers
 from gradcycle.backends.pipeline_checks import check_plan
-from gradcycle.config import validate
 from gradcycle.planner import pipeline as plan_pp
+from gradcycle.validation import validate
 
 # K = 8 / (2 x dp) micro-batches: 4 on pp=2 (dp=1); ragged documents padded per micro-batch
 BASE = [*RAGGED, "train.global_batch_size=8", "train.micro_batch_size=2", "train.max_steps=3",

@@ -194,9 +194,9 @@ def _plan_json(overrides: list[str]) -> dict:
 
 
 def test_presets_compose_build_on_meta_and_fit():
-    from gradcycle.config import validate
     from gradcycle.model import build_model, count_params
     from gradcycle.planner.plan import make_plan
+    from gradcycle.validation import validate
 
     for name in PRESETS:
         cfg = compose([f"experiment={name}"])
@@ -221,8 +221,8 @@ def test_sft_preset_needs_its_pretrained_model_and_fits(tmp_path, capsys):
     and with a local Llama-2-7B-shaped folder the planner reads its shape and the preset fits."""
     from transformers import LlamaConfig
 
-    from gradcycle.config import validate
     from gradcycle.planner.plan import main, make_plan
+    from gradcycle.validation import validate
 
     assert main(["experiment=sft-llama-7b-1node"]) == 2
     err = capsys.readouterr().err

@@ -75,7 +75,7 @@ def test_every_preset_keeps_or_states_its_precision(preset):
 
 # ---------------------------------------------------------------- backend.reduce_dtype
 def _error(overrides: list[str]) -> str:
-    from gradcycle.config import validate
+    from gradcycle.validation import validate
 
     with pytest.raises(ValueError) as exc:
         validate(compose([*TINY, *overrides]))
@@ -83,7 +83,7 @@ def _error(overrides: list[str]) -> str:
 
 
 def test_reduce_dtype_is_fp32_or_the_training_dtype():
-    from gradcycle.config import validate
+    from gradcycle.validation import validate
 
     validate(compose([*TINY, "precision=bf16", "backend.reduce_dtype=bf16"]))
     msg = _error(["precision=fp32", "backend.reduce_dtype=bf16"])

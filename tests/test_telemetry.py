@@ -11,8 +11,8 @@ import pytest
 from conftest import compose, rank_train, train_steps
 from multiproc import run_on_ranks
 
-from gradcycle.config import validate
 from gradcycle.profiling import time_split
+from gradcycle.validation import validate
 
 # conf/experiment/cpu_smoke.yaml: the shapes the analytic FLOP counts below are written for.
 H, L, FFN, SEQ, VOCAB = 64, 2, 128, 64, 512

@@ -56,7 +56,7 @@ def test_shard_sizes_parse_like_save_pretrained():
 
 
 def test_startup_timeout_is_validated():
-    from gradcycle.config import validate
+    from gradcycle.validation import validate
 
     with pytest.raises(ValueError, match="backend.startup_timeout_s=0"):
         validate(compose([*TINY, "backend.startup_timeout_s=0"]))

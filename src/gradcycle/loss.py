@@ -79,7 +79,7 @@ def liger_usable() -> bool:
 
 
 def check_liger(device: str) -> None:
-    """loss.impl=liger: liger-kernel installed and CUDA present (config.validate calls this)."""
+    """loss.impl=liger: liger-kernel installed and CUDA present (validation.validate calls this)."""
     import importlib.util
 
     if importlib.util.find_spec("liger_kernel") is None:

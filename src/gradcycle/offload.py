@@ -10,7 +10,7 @@ One naming scheme for both backend families (config.BackendConfig):
 - `backend.offload_device=cpu|nvme` + `backend.nvme_path`: ZeRO-Infinity, DeepSpeed only; it needs
   DeepSpeed's async_io op (libaio), checked here before anything starts.
 
-`check_config` runs in config.validate(); `check_host` before any process group (trainer.run):
+`check_config` runs in validation.validate(); `check_host` before any process group (trainer.run):
 the planner's host need (planner/host.py) against this machine's memory, exit 2 with the numbers
 and the fix. `configure_pinned` sets torch's `pinned_max_round_threshold_mb` (and the cache limit
 with it) so large pinned buffers are not rounded up to a power of two; `HostStepTimer`,

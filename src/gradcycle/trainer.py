@@ -26,7 +26,6 @@ from omegaconf import OmegaConf
 from gradcycle import attention, checkpoint, distributed, hardware, offload
 from gradcycle.backends import build_backend, check_plan, data_parallel_env
 from gradcycle.batching import lr_at, plan_from_config
-from gradcycle.config import validate
 from gradcycle.data import IGNORE_INDEX
 from gradcycle.data.loader import eval_batches, train_loader
 from gradcycle.data.reader import open_dataset
@@ -44,6 +43,7 @@ from gradcycle.planner import auto as plan_auto
 from gradcycle.profiling import StepProfiler
 from gradcycle.records import Progress, step_record
 from gradcycle.telemetry import CommCounter, MetricsSink, flops_per_token
+from gradcycle.validation import validate
 from gradcycle.vision import batchnorm
 from gradcycle.vision import plan as vision_plan
 from gradcycle.vision.data import open_images

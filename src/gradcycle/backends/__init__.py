@@ -71,4 +71,4 @@ def _build(cfg, make_model, device: torch.device, world: int, run_dir: Path) -> 
         from gradcycle.backends.deepspeed import DeepSpeedBackend
 
         return DeepSpeedBackend(cfg, make_model, device, world, run_dir)
-    raise AssertionError(f"unvalidated backend {name!r}")  # config.validate() rejects it first
+    raise AssertionError(f"unvalidated backend {name!r}")  # validation.validate() rejects it first

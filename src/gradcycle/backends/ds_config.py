@@ -1,6 +1,6 @@
 """The DeepSpeed config, generated from the Hydra config, and the DeepSpeed-specific user checks.
 
-Nothing here imports DeepSpeed: `check_user_config` runs inside `config.validate()`, before any
+Nothing here imports DeepSpeed: `check_user_config` runs inside `validation.validate()`, before any
 process group exists, so a bad DeepSpeed setting fails in a second with a message, not in a rank.
 
 Batch fields come from the batch plan only. The engine is driven with
@@ -98,7 +98,7 @@ def _enabled(section: Any) -> bool | None:
 
 
 def check_user_config(cfg) -> None:
-    """DeepSpeed user errors, raised from config.validate() before anything starts."""
+    """DeepSpeed user errors, raised from validation.validate() before anything starts."""
     b = cfg.backend
     if b.param_persistence_threshold is not None and b.name != "zero3":
         raise ValueError(

@@ -1,5 +1,5 @@
 """backend.pp* validation (no torch import): the schedules, the stage split, K per schedule,
-and what pipeline parallelism does not support yet. config.validate and the trainer call these
+and what pipeline parallelism does not support yet. validation.validate and the trainer call these
 before any process group starts."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ NOT_YET = ("zbv", "dualpipev", "interleaved_zb")  # refused for now
 
 
 def check_config(cfg) -> None:
-    """backend.pp* rules that need no world size (config.validate calls this)."""
+    """backend.pp* rules that need no world size (validation.validate calls this)."""
     b = cfg.backend
     if b.pp < 1 or b.pp_virtual < 1:
         raise ValueError(f"backend.pp={b.pp} and backend.pp_virtual={b.pp_virtual} must be >= 1")

@@ -12,7 +12,7 @@
     reader.py     open_dataset(cfg): prepare on first use (file-locked), then memory-mapped samples
     loader.py     global batch s -> this rank's K micro-batches (DataLoader workers, device copy)
     masking.py    position ids, document-boundary labels and attention inputs (document masking)
-    checks.py     config.validate()'s checks of data.* and prepare.* (and local model folders)
+    checks.py     validation.validate()'s checks of data.* and prepare.* (and local model folders)
 
 Every data group reaches the trainer through the same reader: data=stdlib|files|hub prepare into
 the cache on first use and read from there exactly as data=tokens data.path=<prepared dir> does.

@@ -1,4 +1,4 @@
-"""config.validate()'s checks of data.* and prepare.*: user errors, before anything starts.
+"""validation.validate()'s checks of data.* and prepare.*: user errors, before anything starts.
 
 Also the local folders data and model are read from (model.pretrained, data.tokenizer): each must
 be a complete save_pretrained folder. File-level checks (the manifest, shards, tokenizer of a
@@ -21,7 +21,7 @@ _PATH_NEEDS = {
 
 
 def check_config(cfg) -> None:
-    from gradcycle.config import _one_of, _positive
+    from gradcycle.validation import _one_of, _positive
 
     data, prep = cfg.data, cfg.prepare
     _one_of("data.name", data.name, NAMES)
@@ -78,7 +78,7 @@ def check_config(cfg) -> None:
 
 def check_sft(cfg, local_bpe: bool) -> None:
     """data.format and the fine-tuning options (per-example checks happen in prepare)."""
-    from gradcycle.config import _one_of
+    from gradcycle.validation import _one_of
 
     data = cfg.data
     _one_of("data.format", data.format, FORMATS)

@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _prepare_cli(cfg) -> tuple[dict, Path]:
-    from gradcycle.config import validate
+    from gradcycle.validation import validate
 
     cfg.train.eval_every = 0  # nothing is trained here: data.val_fraction=0 needs no eval check
     validate(cfg)

@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _plan_cli(cfg) -> Plan:
-    from gradcycle.config import validate
+    from gradcycle.validation import validate
 
     validate(cfg, this_machine=False)  # the target's GPUs, not this machine's
     plan = make_plan(cfg)  # resolves hardware=auto and precision=auto for the target

@@ -6,7 +6,7 @@
     model.py      AutoModelForImageClassification from model.image or model.pretrained; the loss
     batchnorm.py  the BatchNorm guard, SyncBatchNorm (CUDA: torch's; CPU: GlooSyncBatchNorm),
                   model.bn_momentum=per_cycle
-    checks.py     config.validate()'s checks for task=image (bad folders, labels, the guard)
+    checks.py     validation.validate()'s checks for task=image (bad folders, labels, the guard)
     plan.py       activations per image vs resolution; train.micro_batch_size=auto
     task.py       evaluation (eval_loss, eval_accuracy) and FLOPs per image
 

@@ -1,4 +1,4 @@
-"""config.validate()'s checks for task=image: every bad input stops here, before any process
+"""validation.validate()'s checks for task=image: every bad input stops here, before any process
 group starts or anything is written (exit 2 through gradcycle.cli).
 
 - data: data=shapes|imagefolder and data.image.*; an imagefolder with no class folders, a class

@@ -204,7 +204,7 @@ def _size(n: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from gradcycle.compose import compose
-    from gradcycle.config import validate
+    from gradcycle.validation import validate
 
     args = list(sys.argv[1:] if argv is None else argv)
     world = int(next((a.split("=", 1)[1] for a in args if a.startswith("world=")), 1))
