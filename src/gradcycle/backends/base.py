@@ -98,29 +98,6 @@ class Backend:
         """Restore what save_state wrote (possibly from another world size where supported)."""
         raise NotImplementedError
 
-    @torch.no_grad()
-    def _init_optimizer_state(self) -> None:
-        """Create the optimizer's state (moments, step) so that a load has tensors to fill.
-        torch's get_state_dict does this only when no parameter has a gradient; DDP's gradients
-        exist from the start (views into its buckets), so there it would skip it and a resume
-        would silently restart Adam's moments from zero. A zero-gradient step at lr 0 (before any
-        backward) changes no parameter."""
-        if self.optimizer.state:
-            return
-        for p in self.model.parameters():
-            if p.requires_grad:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                else:
-                    p.grad.zero_()
-        lrs = [group["lr"] for group in self.optimizer.param_groups]
-        for group in self.optimizer.param_groups:
-            group["lr"] = 0.0
-        self.optimizer.step()
-        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=self.grads_to_none)
-
     def full_state_dict(self) -> dict | None:
         """The plain model's full CPU state dict (HF keys) on rank 0; None on other ranks."""
         raise NotImplementedError
