@@ -92,7 +92,7 @@ def search(cfg, shape, world, nodes, acs, limit: float, backend=None) -> Candida
     zero = zero_settings(cfg, b) if b.startswith("zero") else None  # once, not per cut
     fitting = [
         c
-        for micro in micro_options(cfg, world)
+        for micro in micro_options(cfg, world // cfg.backend.pp)
         for sync in syncs
         for ac in acs
         if (c := evaluate(cfg, shape, world, nodes, micro, sync, ac, b, zero)).est.peak <= limit
@@ -111,7 +111,9 @@ def make_plan(cfg, world: int | None = None, nodes: int | None = None, vocab=Non
               searches: bool = True) -> Plan:  # fmt: skip
     """The configured run, what `auto` picks, the recommendation; `searches=False`: the first."""
     world, nodes, _ = topology(cfg, world, nodes)
-    check_batch(cfg, world)  # a batch train.py refuses is refused here, with its words
+    check_batch(
+        cfg, world // cfg.backend.pp
+    )  # a batch train.py refuses is refused here, with its words
     cfg = _target(cfg)  # hardware=auto / precision=auto (a training run resolved them first)
     shape = shape_from_config(cfg, vocab)
     budget = budget_bytes(cfg)
@@ -147,7 +149,8 @@ def _fit_key(limit: float):
 def alternatives(cfg, shape, world, nodes, limit) -> list[tuple[str, Candidate]]:
     """What would fit when nothing does: a sharding backend, host offload, the fewest nodes."""
     out = []
-    backends = list(dict.fromkeys([cfg.backend.name, "fsdp", "zero3"]))
+    pp = cfg.backend.pp > 1  # DeepSpeed's ZeRO does not run pipeline stages
+    backends = list(dict.fromkeys([cfg.backend.name, "fsdp", *([] if pp else ["zero3"])]))
     for factor in (1, 2, 4, 8, 16):
         more = world * factor
         if cfg.train.global_batch_size and cfg.train.global_batch_size % more:
@@ -160,7 +163,7 @@ def alternatives(cfg, shape, world, nodes, limit) -> list[tuple[str, Candidate]]
                 out.append((f"backend={b}{where}", c))
         if out:
             break
-    if not any(what.startswith("backend=") and "nodes=" not in what for what, _ in out):
+    if not pp and not any(what.startswith("backend=") and "nodes=" not in what for what, _ in out):
         off = copy.deepcopy(cfg)
         off.backend.offload_optimizer = True
         if (c := search(off, shape, world, nodes, AC_OPTIONS, limit, "zero3")) is not None:
