@@ -94,10 +94,14 @@ def stage_setups(setup) -> list:
     return out
 
 
-def stage_estimates(setup) -> list:
+def estimate_of(stage_setup):
     from gradcycle.planner.memory import estimate
 
-    return [estimate(s) for s in stage_setups(setup)]
+    return estimate(stage_setup)
+
+
+def stage_estimates(setup) -> list:
+    return [estimate_of(s) for s in stage_setups(setup)]
 
 
 def activation_bytes(setup) -> int:
