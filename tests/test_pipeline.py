@@ -227,3 +227,19 @@ def test_planner_sizes_each_stage_by_hand():
     assert render_json(plan)["peak_bytes_per_gpu"] == max(j["per_stage_bytes"])
     assert j["p2p_bytes_per_step"] == plan_pp.p2p_bytes_per_step(s)
     assert j["per_stage_bytes"] == sorted(j["per_stage_bytes"], reverse=True)  # fewer in flight
+
+
+def test_planner_proposes_a_stage_per_node_for_a_slow_link():
+    from gradcycle.planner.plan import make_plan, pipelined
+
+    over = ["model=llama-13b", "hardware=a100-40gb", "nodes=4", "gpus_per_node=8", "backend=fsdp",
+            "data.seq_len=2048", "train.global_batch_size=128", "train.micro_batch_size=1",
+            "activation_checkpointing.mode=full"]  # fmt: skip
+    plan = make_plan(compose(over), searches=False)
+    run, piped = plan.configured, pipelined(plan, plan.configured)
+    assert run.time.exposed_comm_s > 0.5 * run.time.step_s  # fsdp's gathers over the nodes
+    assert piped.setup.pp == 4 and piped.setup.world == 8 and piped.time.step_s < run.time.step_s
+    assert piped.est.peak <= plan.cfg.plan.headroom * plan.budget
+    assert any("backend.pp=4 (one stage per node" in w for w in plan.warnings), plan.warnings
+    one_node = make_plan(compose([*over, "nodes=1"]), searches=False)
+    assert pipelined(one_node, one_node.configured) is None  # no inter-node link to spare

@@ -195,6 +195,13 @@ def warnings_for(plan: Plan, cand: Candidate | None) -> list[str]:
             f"~{per_micro_compute:.2f}s of compute (about {need:,.0f} tokens would hide them); "
             f"consider {', '.join(remedies)}"
         )
+    if (piped := pipelined(plan, cand)) is not None:
+        out.append(
+            f"{t.exposed_comm_s:.2f}s of the {t.step_s:.2f}s step is exposed communication "
+            f"across {plan.nodes} nodes: backend.pp={plan.nodes} (one stage per node, "
+            f"{s.backend} inside it; docs/pipeline.md) predicts {piped.time.step_s:.2f}s and "
+            f"{piped.est.peak / GIB:.1f} GiB per GPU with the same micro-batch"
+        )
     share = f"{cand.est.peak / GIB:.1f} GiB is {cand.est.peak / plan.budget:.0%} of the " \
             f"{plan.budget / GIB:.1f} GiB per GPU on {cfg.hardware.name}"  # fmt: skip
     if cand.est.peak > plan.budget:
@@ -220,6 +227,22 @@ def warnings_for(plan: Plan, cand: Candidate | None) -> list[str]:
             "accumulates them in fp32"
         )
     return out
+
+
+def pipelined(plan: Plan, cand: Candidate) -> Candidate | None:
+    """The same cut with one pipeline stage per node, where the inter-node link exposes the
+    data-parallel collectives and the pipeline fits and is faster; else None."""
+    cfg, s, t = plan.cfg, cand.setup, cand.time
+    p = plan.nodes
+    if (p < 2 or cfg.backend.pp > 1 or s.backend not in ("ddp", "fsdp", "hsdp")
+            or t.exposed_comm_s < 0.1 * t.step_s or plan.shape.layers % p
+            or plan.shape.tie):  # fmt: skip
+        return None
+    piped = copy.deepcopy(cfg)
+    piped.backend.pp = p  # K grows p-fold (dp = world / p): 1F1B's K >= p holds
+    c = evaluate(piped, plan.shape, plan.world, plan.nodes, s.micro, "per_cycle", cand.ac)
+    fits = c.est.peak <= cfg.plan.headroom * plan.budget
+    return c if fits and c.time.step_s < t.step_s else None
 
 
 # ---------------------------------------------------------------- explanations
