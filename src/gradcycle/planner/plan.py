@@ -163,7 +163,9 @@ def alternatives(cfg, shape, world, nodes, limit) -> list[tuple[str, Candidate]]
                 out.append((f"backend={b}{where}", c))
         if out:
             break
-    if not pp and not any(what.startswith("backend=") and "nodes=" not in what for what, _ in out):
+    if pp:
+        return out[:4]  # host offload: ZeRO's, or fsdp's that pipeline stages do not set up
+    if not any(what.startswith("backend=") and "nodes=" not in what for what, _ in out):
         off = copy.deepcopy(cfg)
         off.backend.offload_optimizer = True
         if (c := search(off, shape, world, nodes, AC_OPTIONS, limit, "zero3")) is not None:

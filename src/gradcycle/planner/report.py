@@ -135,13 +135,13 @@ def render_text(plan: Plan) -> str:
     if run.est.per_cycle_extra > 0:
         lines.append(f"sync=per_cycle holds {run.est.per_cycle_extra / GIB:.2f} GiB more per GPU "
                      "than per_micro through the cycle")  # fmt: skip
+    lines += _collectives(plan, run)
     if run.setup.pp > 1:
         p = _pipeline(run)
         lines.append(f"pipeline: {p['stages']} stages ({p['schedule']}, {p['virtual']} per rank), "
                      f"bubble {p['bubble_fraction']:.1%} of the step; peak per stage (GiB): "
                      + ", ".join(f"{b / GIB:.2f}" for b in p["per_stage_bytes"])
                      + f" (the memory above is stage {p['peak_stage']}'s)")  # fmt: skip
-    lines += _collectives(plan, run)
     model_fpt = flops_per_token(run.setup)[0]
     per_gpu = cfg.plan.mfu * cfg.hardware.bf16_tflops * 1e12 / model_fpt
     lines.append(f"throughput: {model_fpt:.3g} FLOP/token (6N + 12·L·h·s); at {cfg.plan.mfu:.0%} "
