@@ -235,13 +235,13 @@ def expected(backend: str, sync: str, k: int) -> dict[str, tuple[int, int]]:
         # and the updated partitions all-gathered once per param group (B bytes in all).
         n = k if sync == "per_micro" else 1
         return {"all_reduce": (n + G, n * B + 4 * G), "all_gather": (G, B),
-                "reduce_scatter": ZERO, "broadcast": ZERO}  # fmt: skip
+                "reduce_scatter": ZERO, "broadcast": ZERO, "point_to_point": ZERO}  # fmt: skip
     # ZeRO-3: each of the M modules is gathered in every micro-batch's forward and again in its
     # backward (2MK calls, 2K copies of the model); gradients reduce-scattered once per cycle
     # (per_cycle) or per micro-batch (per_micro); one fp64 grad-norm scalar per param group.
     n = k if sync == "per_micro" else 1
     return {"all_gather": (2 * M * k, 2 * k * B), "reduce_scatter": (n, n * B),
-            "all_reduce": (G, 8 * G), "broadcast": ZERO}  # fmt: skip
+            "all_reduce": (G, 8 * G), "broadcast": ZERO, "point_to_point": ZERO}  # fmt: skip
 
 
 def _counts(record: dict) -> dict[str, tuple[int, int]]:

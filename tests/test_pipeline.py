@@ -39,6 +39,7 @@ def test_pipelined_steps_equal_one_process_for_every_schedule(tmp_path):
     out = run_on_ranks(rank_train, 2, args=(jobs,))[0]
     results = dict(zip(names, out, strict=False))
     from_pp1 = out[-1]
+    _p2p_counted_as_planned(results)
     # pp=2 -> pp=1: the pipeline's checkpoint of step 2 resumes in one process
     from_pp2 = train_steps(
         tmp_path / "from-pp2", [*BASE, f"resume={tmp_path}/1f1b/checkpoints/step_2"]
@@ -75,6 +76,27 @@ def test_pipelined_steps_equal_one_process_for_every_schedule(tmp_path):
             assert got["accumulation_steps"] == (2 if "2 x " in name else 4)
             assert _rel(got["loss"], want["loss"]) < 1e-5, (name, got["loss"], want["loss"])
             assert _rel(got["grad_norm"], want["grad_norm"]) < 1e-5, (name, got, want)
+
+
+def _p2p_counted_as_planned(results) -> None:
+    """Rank 0 (stage 0 of pp=2, K=4) sends each micro-batch's activations and receives their
+    gradient: 2K calls of micro x seq x hidden fp32, 2K(p·v - 1) with v=2 (it is on all three
+    boundaries); the planner's p2p bytes per step are the same. Step 1 adds the stages' shape
+    probe (send_object_list: size and pickled metadata), so steps 2 and 3 are compared."""
+    from gradcycle.planner.plan import make_plan
+
+    cfg = compose([*TINY, *BASE, "backend.pp=2", "hardware=cpu"])
+    per_call = 2 * 128 * cfg.model.hidden_size * 4
+    planned = make_plan(cfg, world=2, nodes=1, searches=False).configured
+    for name, boundaries in (("1f1b", 1), ("gpipe", 1), ("interleaved_1f1b", 3)):
+        steps = results[name]
+        assert isinstance(steps, list), steps.text
+        p2p = [r["comm"]["point_to_point"] for r in steps]
+        assert p2p[1:] == [{"calls": 8 * boundaries, "bytes": 8 * boundaries * per_call}] * 2, p2p
+        assert p2p[0]["calls"] > p2p[1]["calls"]  # the shape probe
+        v = 2 if boundaries == 3 else 1
+        assert [r["pp_bubble"] for r in steps] == [plan_pp.bubble_fraction(2, 4, v)] * 3
+    assert plan_pp.p2p_bytes_per_step(planned.setup) == 8 * per_call  # = rank 0's at p = 2
 
 
 def _export_loads_with_equal_logits(pipelined, single) -> None:
@@ -163,3 +185,61 @@ def test_model_config_architectures_are_checked_before_start(tmp_path):
                             ("tied", "ties its input")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             validate(compose([*TINY, f"model.config={tmp_path / folder}", "backend.pp=4"]))
+
+
+def test_planner_sizes_each_stage_by_hand():
+    """llama-7b shapes, ddp, pp=4 on 2 x 8 GPUs (dp 4), micro 1 x 2048, K=8: each rank's
+    parameters, its in-flight activations, the p2p bytes and the bubble in the step time."""
+    from gradcycle.planner.memory import activations
+    from gradcycle.planner.plan import make_plan
+    from gradcycle.planner.report import render_json
+
+    over = ["model=llama-7b", "hardware=a100-40gb", "nodes=2", "gpus_per_node=8", "backend=ddp",
+            "data.seq_len=2048", "train.global_batch_size=32", "train.micro_batch_size=1"]  # fmt: skip
+    plan = make_plan(compose([*over, "backend.pp=4"]), searches=False)
+    run = plan.configured
+    s = run.setup
+    assert (s.world, s.accumulation, s.pp) == (4, 8, 4)  # 16 GPUs = pp 4 x dp 4; 32 / (1 x 4)
+    h, v, lp = s.shape.hidden, s.shape.vocab, s.shape.layer_params
+    stages = plan_pp.stage_setups(s)
+    assert [st.shape.layers for st in stages] == [8, 8, 8, 8]
+    params = [plan_pp.estimate_of(st).model_states["parameters"] for st in stages]
+    # ddp keeps fp32 parameters: 8 layers each, the embedding on the first, norm + head on the last
+    assert params == [4 * (8 * lp + v * h), 4 * 8 * lp, 4 * 8 * lp, 4 * (8 * lp + h + v * h)]
+    # 1F1B: rank s holds p - s micro-batches' activations of its 8 layers (+ the head's input)
+    one = activations(stages[1])["layer"]  # one layer, one micro-batch (bytes)
+    saved = [activations(st)["saved"] for st in stages]
+    assert saved[:3] == pytest.approx([4 * 8 * one, 3 * 8 * one, 2 * 8 * one])
+    assert saved[3] > 1 * 8 * one and saved[3] < 1.1 * 8 * one
+    gpipe = make_plan(compose([*over, "backend.pp=4", "backend.pp_schedule=gpipe"]), searches=False)
+    assert activations(plan_pp.stage_setups(gpipe.configured.setup)[0])["saved"] == pytest.approx(
+        8 * 8 * one)  # fmt: skip  # K = 8 micro-batches on every stage
+    # p2p: b·T·H fp32 (ddp's residual stream) each way, per micro-batch and boundary
+    assert plan_pp.p2p_bytes_per_step(s) == 2 * 8 * 3 * (1 * 2048 * h * 4)
+    # the step: the slowest (last: the head) stage's compute stretched by the bubble 3 / (8 + 3)
+    fpt_last = 6 * (8 * lp + h + v * h) + 12 * 8 * h * 2048  # 6N + 12·L·h·s of its part
+    hw = plan.cfg.hardware
+    micro_s = 2048 * fpt_last / (plan.cfg.plan.mfu * hw.bf16_tflops * 1e12)
+    assert run.time.compute_s == pytest.approx(8 * micro_s / (1 - 3 / 11), rel=1e-12)
+    j = render_json(plan)["pipeline"]
+    assert j["stages"] == 4 and j["schedule"] == "1f1b" and j["bubble_fraction"] == 3 / 11
+    assert j["per_stage_bytes"] == [int(p) for p in run.est.stages] and j["peak_stage"] == 0
+    assert render_json(plan)["peak_bytes_per_gpu"] == max(j["per_stage_bytes"])
+    assert j["p2p_bytes_per_step"] == plan_pp.p2p_bytes_per_step(s)
+    assert j["per_stage_bytes"] == sorted(j["per_stage_bytes"], reverse=True)  # fewer in flight
+
+
+def test_planner_proposes_a_stage_per_node_for_a_slow_link():
+    from gradcycle.planner.plan import make_plan, pipelined
+
+    over = ["model=llama-13b", "hardware=a100-40gb", "nodes=4", "gpus_per_node=8", "backend=fsdp",
+            "data.seq_len=2048", "train.global_batch_size=128", "train.micro_batch_size=1",
+            "activation_checkpointing.mode=full"]  # fmt: skip
+    plan = make_plan(compose(over), searches=False)
+    run, piped = plan.configured, pipelined(plan, plan.configured)
+    assert run.time.exposed_comm_s > 0.5 * run.time.step_s  # fsdp's gathers over the nodes
+    assert piped.setup.pp == 4 and piped.setup.world == 8 and piped.time.step_s < run.time.step_s
+    assert piped.est.peak <= plan.cfg.plan.headroom * plan.budget
+    assert any("backend.pp=4 (one stage per node" in w for w in plan.warnings), plan.warnings
+    one_node = make_plan(compose([*over, "nodes=1"]), searches=False)
+    assert pipelined(one_node, one_node.configured) is None  # no inter-node link to spare

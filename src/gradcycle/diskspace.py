@@ -29,6 +29,10 @@ import torch.distributed as dist
 
 EXIT_NO_SPACE = 4  # a checkpoint did not fit or its write failed; `latest` is intact
 MARGIN = 1.05
+# What a checkpoint holds beside model and optimizer state: DCP's metadata, RNG states, configs
+# and the tokenizer (the embedded one: 0.4 MiB together; a large tokenizer.json adds a few MiB,
+# nothing beside a real model's state)
+FILES_BYTES = 512 * 2**10
 # What torch's C++ file writer raises when the write underneath it fails (no errno attached).
 _WRITER_ERRORS = ("PytorchStreamWriter failed", "unexpected pos", "file write failed",
                   "iostream error", "write(): fd")  # fmt: skip
@@ -216,8 +220,9 @@ class Room:
             return int(size * MARGIN), f"the size of {saved[-1].name}, the last one, + 5%"
         n = count_params(self.backend.module)
         per = state_bytes(self.cfg, 1)
-        return (int(state_bytes(self.cfg, n) * MARGIN),
-                f"{n / 1e6:.2f}M parameters x {per} B of model and optimizer state, + 5%")  # fmt: skip
+        return (int(state_bytes(self.cfg, n) * MARGIN) + FILES_BYTES,
+                f"{n / 1e6:.2f}M parameters x {per} B of model and optimizer state, + 5%, "
+                "+ 0.5 MiB of metadata, RNG states and tokenizer")  # fmt: skip
 
     def _shortfall(self, step: int) -> str | None:
         need, how = self.needed()

@@ -44,7 +44,19 @@ def step_record(state, plan: BatchPlan, cfg, env, loss, result, tokens, dt, lr, 
         "overflow_steps": state.overflow_steps,
         "tokens_seen": state.tokens_seen,
         "comm": comm,
+        **_pipeline_fields(cfg, plan.accumulation_steps),
     }
+
+
+def _pipeline_fields(cfg, k: int) -> dict:
+    """backend.pp > 1: the schedule's idle share of the step, (p-1)/(v·K + p-1) (planner/
+    pipeline.py; bench/pipeline.py measures it); the stages' point-to-point is in `comm`."""
+    b = cfg.backend
+    if b.pp == 1:
+        return {}
+    from gradcycle.planner.pipeline import bubble_fraction
+
+    return {"pp_bubble": bubble_fraction(b.pp, k, b.pp_virtual)}
 
 
 def _gib(n: int) -> str:

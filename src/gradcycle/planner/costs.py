@@ -5,7 +5,10 @@ collective uses ring algorithms: an all-reduce moves 2(n-1)/n of the buffer thro
 all-gather or reduce-scatter (n-1)/n, at the hardware's per-GPU bandwidth (inter-node when the
 group spans nodes). Overlap: a micro-batch's collectives hide behind that micro-batch's compute,
 a cycle's gradient reduction behind one micro-batch, and ZeRO-1/2's parameter all-gather after
-the optimizer step is exposed.
+the optimizer step is exposed. backend.pp > 1 (planner/pipeline.py): the data-parallel
+collectives are those of the largest stage over its replicas, the stages exchange activations
+point to point (a boundary's bytes through one link, boundaries in parallel), and the compute of
+the slowest stage is stretched by the pipeline bubble.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from gradcycle.planner.memory import DDP_BUCKET_BYTES, Setup
 
 @dataclass(frozen=True)
 class Collective:
-    op: str  # all_reduce | all_gather | reduce_scatter
+    op: str  # all_reduce | all_gather | reduce_scatter | point_to_point
     what: str
     calls: int  # per optimizer step
     nbytes: float  # per optimizer step, full buffers
@@ -29,6 +32,12 @@ class Collective:
     def seconds(self, intra_gbps: float, inter_gbps: float) -> float:
         if self.group <= 1:
             return 0.0
+        if self.op == "point_to_point":  # `group` stages; each boundary has its own link
+            return (
+                self.nbytes
+                / (self.group - 1)
+                / ((inter_gbps if self.inter_node else intra_gbps) * 1e9)
+            )
         frac = (self.group - 1) / self.group
         moved = self.nbytes * frac * (2 if self.op == "all_reduce" else 1)
         return moved / ((inter_gbps if self.inter_node else intra_gbps) * 1e9)
@@ -36,6 +45,16 @@ class Collective:
 
 def collectives(setup: Setup, gpus_per_node: int) -> list[Collective]:
     """What the backend runs per optimizer step (K = setup.accumulation micro-batches)."""
+    if setup.pp > 1 and setup.stage is None:
+        from gradcycle.planner import pipeline
+
+        stages = pipeline.stage_setups(setup)
+        heaviest = max(stages, key=lambda st: st.shape.n_params)
+        p2p = [Collective("point_to_point", "activations and their gradients",
+                          2 * setup.accumulation * (setup.pp * setup.pp_virtual - 1),
+                          pipeline.p2p_bytes_per_step(setup), setup.pp,
+                          setup.pp * setup.world > gpus_per_node, "micro")]  # fmt: skip
+        return collectives(heaviest, gpus_per_node) + p2p
     s, n, k, w = setup.shape, setup.num, setup.accumulation, setup.world
     psi = s.n_params
     multi = w > gpus_per_node  # the data-parallel group spans nodes
@@ -47,6 +66,8 @@ def collectives(setup: Setup, gpus_per_node: int) -> list[Collective]:
     # backend.reduce_dtype: the bytes of every gradient reduction below
     dtype = "fp32" if n.reduce == 4 else setup.precision
     grads = f"gradients ({dtype})"
+    if b == "ddp" and setup.stage is not None:  # a pipeline stage: one flat all-reduce
+        return [Collective("all_reduce", grads, 1, psi * n.grad, w, multi, "cycle")]
     if b == "ddp":
         buckets = math.ceil(psi * n.grad / DDP_BUCKET_BYTES) + 1
         return [Collective("all_reduce", grads, syncs * buckets, syncs * psi * n.reduce, w,
@@ -120,14 +141,21 @@ def step_time(setup: Setup, colls: list[Collective], tflops: float, intra: float
     peak = tflops * 1e12
     micro_s = setup.tokens * hw_fpt / (mfu * peak)
     k = setup.accumulation
+    stretch, gpus = 1.0, setup.world * setup.pp
+    if setup.pp > 1:  # the slowest stage's compute, idle through the fill and drain
+        from gradcycle.planner import pipeline
+
+        slowest = max(flops_per_token(st)[1] for st in pipeline.stage_setups(setup))
+        micro_s = setup.tokens * slowest / (mfu * peak)
+        stretch = 1 / (1 - pipeline.bubble_fraction(setup.pp, k, setup.pp_virtual))
     by_when = {"micro": 0.0, "cycle": 0.0, "step": 0.0}
     for c in colls:
         by_when[c.when] += c.seconds(intra, inter)
     exposed = k * max(0.0, by_when["micro"] / k - micro_s) if k else 0.0
     exposed += max(0.0, by_when["cycle"] - micro_s) + by_when["step"]
-    compute = k * micro_s
+    compute = k * micro_s * stretch  # bubble time included
     step = compute + exposed
     tokens = k * setup.tokens * setup.world
     tps = tokens / step if step > 0 else 0.0
     return StepTime(compute, exposed, sum(by_when.values()), step, tps,
-                    tps * model_fpt / (peak * setup.world))  # fmt: skip
+                    tps * model_fpt / (peak * gpus))  # fmt: skip

@@ -90,6 +90,8 @@ def zero_settings(cfg, backend: str) -> ZeroSettings:
 
 def sync_options(cfg, backend: str, world: int) -> list[str]:
     """Policies the backend accepts; `auto` chooses among them."""
+    if cfg.backend.pp > 1:
+        return ["per_cycle"]  # a pipeline stage reduces its gradients once per cycle
     if cfg.backend.sync != "auto":
         return [cfg.backend.sync]
     if world == 1 or backend in ("ddp", "zero1"):
@@ -155,6 +157,8 @@ def make_setup(cfg, shape: Shape, world: int, nodes: int, micro: int, sync: str,
     from gradcycle.model import checkpointed_layers
 
     b = backend or cfg.backend.name
+    pp = cfg.backend.pp
+    world //= pp  # backend.pp > 1: a stage's data-parallel ranks (the mesh is pp x dp)
     target = "cpu" if cfg.hardware.name == "cpu" else "cuda"  # the device the plan sizes
     if zero is None:
         zero = zero_settings(cfg, b) if b.startswith("zero") else ZeroSettings()
@@ -170,4 +174,5 @@ def make_setup(cfg, shape: Shape, world: int, nodes: int, micro: int, sync: str,
         offload_param=cfg.backend.offload_param and b in ("zero3", "fsdp", "hsdp"),
         zero=zero, loss=cfg.loss.impl, loss_chunk=cfg.loss.chunk_tokens,
         device=target, attention_mask=mask_kind(cfg.data.document_mask, target),
+        pp=pp, pp_schedule=cfg.backend.pp_schedule, pp_virtual=cfg.backend.pp_virtual,
     )  # fmt: skip

@@ -56,6 +56,8 @@ class Shape:
     kv_heads: int
     intermediate: int
     tie: bool = False
+    first: bool = True  # holds the embedding (a pipeline stage may not: planner/pipeline.py)
+    last: bool = True  # holds the final norm, the output head and the loss
 
     @property
     def kv_dim(self) -> int:
@@ -68,7 +70,10 @@ class Shape:
 
     def root_tensors(self) -> list[tuple[int, int]]:
         """Embedding, final norm and (untied) output projection: FSDP's root unit."""
-        out = [(self.vocab, self.hidden), (self.hidden, 1)]
+        out = [(self.vocab, self.hidden)] if self.first else []
+        if not self.last:
+            return out
+        out.append((self.hidden, 1))
         return out if self.tie else [*out, (self.vocab, self.hidden)]
 
     @property
@@ -86,7 +91,7 @@ class Shape:
     @property
     def matmul_params(self) -> int:
         """N of the FLOP count: the input embedding is a lookup unless tied to the head."""
-        return self.n_params - (0 if self.tie else self.vocab * self.hidden)
+        return self.n_params - (0 if self.tie or not self.first else self.vocab * self.hidden)
 
     def shard_numel(self, tensors: list[tuple[int, int]], shards: int) -> int:
         """FSDP2 pads each parameter's dim 0 to a multiple of the shard count; rank 0 holds the
@@ -146,6 +151,11 @@ class Setup:
     loss_chunk: int | str = 2048  # loss.chunk_tokens (or "auto")
     device: str = "cuda"  # the target's device type: cuda | cpu (hardware=cpu)
     attention_mask: str = "none"  # none | dense | flex (planner/attention.py mask_kind)
+    pp: int = 1  # pipeline stages (backend.pp); world is then one stage's data-parallel ranks
+    pp_schedule: str = "1f1b"
+    pp_virtual: int = 1
+    in_flight: float = 1.0  # micro-batches whose saved activations are held (a stage's peak)
+    stage: int | None = None  # the pipeline stage (rank) this setup sizes; None: all of them
 
     @property
     def num(self) -> Numerics:
@@ -169,6 +179,7 @@ class Estimate:
     per_cycle_extra: float  # what sync=per_cycle adds over per_micro
     moments: dict[str, float] = field(default_factory=dict)
     attention: AttentionBytes | None = None  # the target's attention kernel and its bytes
+    stages: list[float] = field(default_factory=list)  # backend.pp > 1: each stage's peak
 
 
 def optimizer_bytes(setup: Setup) -> int:
@@ -258,10 +269,12 @@ def activations(setup: Setup) -> dict[str, float]:
     full = layer_activation_bytes(s, n, att.saved / tok) * tok
     ckpt = n.residual * s.hidden * tok  # a checkpointed layer keeps its input only
     n_ckpt = len(setup.checkpointed)
-    saved = (s.layers - n_ckpt) * full + n_ckpt * ckpt + head_activation_bytes(s, n) * tok
+    head = head_activation_bytes(s, n) * tok if s.last else 0.0
+    saved = (s.layers - n_ckpt) * full + n_ckpt * ckpt + head
     saved += att.shared  # the micro-batch's document mask, one for every layer
+    saved *= setup.in_flight  # a pipeline stage holds several micro-batches (planner/pipeline.py)
     top_ckpt = s.layers - 1 in setup.checkpointed
-    loss_fwd, loss_bwd = loss_bytes(setup)  # forward end, backward start
+    loss_fwd, loss_bwd = loss_bytes(setup) if s.last else (0.0, 0.0)  # forward end, backward start
     return {
         "saved": saved,
         "layer": full,
@@ -290,6 +303,8 @@ def temporaries(setup: Setup) -> dict[str, float]:
         # between steps), so no second copy; estimate() holds them throughout
         if setup.world > 1 and n.reduce < n.grad:  # a bucket's 16-bit copy (comm hook)
             out["end"] = min(psi * n.grad, DDP_BUCKET_BYTES) * n.reduce / n.grad
+        if setup.stage is not None and setup.world > 1:  # pipeline: one flat all-reduce buffer
+            out["end"] = psi * n.grad
         if n.autocast:
             # autocast caches a bf16 copy of every matmul weight for the forward; autograd keeps
             # those of layers that are not recomputed until their backward
@@ -317,7 +332,14 @@ def temporaries(setup: Setup) -> dict[str, float]:
 
 
 def estimate(setup: Setup) -> Estimate:
-    """The per-GPU peak and what is alive at that moment."""
+    """The per-GPU peak and what is alive at that moment (backend.pp > 1: the fullest stage's)."""
+    if setup.pp > 1 and setup.stage is None:
+        from gradcycle.planner.pipeline import stage_estimates
+
+        stages = stage_estimates(setup)
+        worst = max(stages, key=lambda e: e.peak)
+        worst.stages = [e.peak for e in stages]
+        return worst
     ms = model_states(setup)
     act = activations(setup)
     tmp = temporaries(setup)

@@ -13,10 +13,18 @@ Pure arithmetic (no torch), for p stages (ranks), v stages per rank, K micro-bat
   of L/(p·v) layers.
 - time: the step's compute (what one rank computes for its 1/p of the layers, all K micro-
   batches) stretched by the bubble: t_step = t_compute / (1 - bubble).
+- memory (`stage_estimates`): each rank is sized as its own model (memory.py): its L/p layers,
+  the embedding on the first, final norm, head and loss on the last, sharded or replicated over
+  its data-parallel ranks, its saved activations times the micro-batches it holds. The plan's
+  peak is the fullest rank's.
+- point-to-point: per micro-batch and stage boundary, the activations (micro x seq x hidden in
+  the residual stream's dtype) go forward and their gradient back: 2·K·(p·v - 1) transfers per
+  step and pipeline.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -62,3 +70,45 @@ def stage_plans(schedule: str, p: int, k: int, v: int, n_layers: int,
 def step_time(compute_s: float, p: int, k: int, v: int = 1) -> float:
     """The step's wall time from one rank's compute time (its layers, all K micro-batches)."""
     return compute_s / (1 - bubble_fraction(p, k, v))
+
+
+def owned_layers(n_layers: int, p: int, v: int, rank: int) -> list[int]:
+    """The decoder layers pipeline rank `rank` holds: stages rank + c·p (backends/pipeline.py)."""
+    chunk = n_layers // (p * v)
+    return [i for c in range(v) for i in range((rank + c * p) * chunk, (rank + c * p + 1) * chunk)]
+
+
+def stage_setups(setup) -> list:
+    """One memory.Setup per pipeline rank: its part of the model, its in-flight micro-batches."""
+    p, v, k, shape = setup.pp, setup.pp_virtual, setup.accumulation, setup.shape
+    out = []
+    for rank in range(p):
+        owned = owned_layers(shape.layers, p, v, rank)
+        part = dataclasses.replace(shape, layers=len(owned), first=rank == 0,
+                                   last=rank == (p * v - 1) % p)  # fmt: skip
+        ckpt = tuple(j for j, i in enumerate(owned) if i in setup.checkpointed)
+        # in_flight counts chunk-forwards of L/(p·v) layers: as whole-rank micro-batches / v
+        held = in_flight(setup.pp_schedule, p, k, rank, v) / v
+        out.append(dataclasses.replace(setup, shape=part, checkpointed=ckpt, in_flight=held,
+                                       stage=rank))  # fmt: skip
+    return out
+
+
+def estimate_of(stage_setup):
+    from gradcycle.planner.memory import estimate
+
+    return estimate(stage_setup)
+
+
+def stage_estimates(setup) -> list:
+    return [estimate_of(s) for s in stage_setups(setup)]
+
+
+def activation_bytes(setup) -> int:
+    """What crosses one stage boundary per micro-batch, each way."""
+    return setup.micro * setup.seq * setup.shape.hidden * setup.num.residual
+
+
+def p2p_bytes_per_step(setup) -> int:
+    """Activations forward and their gradients back, every boundary, all K micro-batches."""
+    return 2 * setup.accumulation * (setup.pp * setup.pp_virtual - 1) * activation_bytes(setup)

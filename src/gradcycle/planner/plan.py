@@ -117,7 +117,7 @@ def search(cfg, shape, world, nodes, acs, limit: float, backend=None) -> Candida
     zero = zero_settings(cfg, b) if b.startswith("zero") else None  # once, not per cut
     fitting = [
         c
-        for micro in micro_options(cfg, world)
+        for micro in micro_options(cfg, world // cfg.backend.pp)
         for sync in syncs
         for ac in acs
         if (c := evaluate(cfg, shape, world, nodes, micro, sync, ac, b, zero)).est.peak <= limit
@@ -137,7 +137,9 @@ def make_plan(cfg, world: int | None = None, nodes: int | None = None, vocab=Non
               searches: bool = True) -> Plan:  # fmt: skip
     """The configured run, what `auto` picks, the recommendation; `searches=False`: the first."""
     world, nodes, _ = topology(cfg, world, nodes)
-    check_batch(cfg, world)  # a batch train.py refuses is refused here, with its words
+    check_batch(
+        cfg, world // cfg.backend.pp
+    )  # a batch train.py refuses is refused here, with its words
     cfg = _target(cfg)  # hardware=auto / precision=auto (a training run resolved them first)
     shape = shape_from_config(cfg, vocab)
     budget = budget_bytes(cfg)
@@ -173,7 +175,8 @@ def _fit_key(limit: float):
 def alternatives(cfg, shape, world, nodes, limit) -> list[tuple[str, Candidate]]:
     """What would fit when nothing does: a sharding backend, host offload, the fewest nodes."""
     out = []
-    backends = list(dict.fromkeys([cfg.backend.name, "fsdp", "zero3"]))
+    pp = cfg.backend.pp > 1  # DeepSpeed's ZeRO does not run pipeline stages
+    backends = list(dict.fromkeys([cfg.backend.name, "fsdp", *([] if pp else ["zero3"])]))
     for factor in (1, 2, 4, 8, 16):
         more = world * factor
         if cfg.train.global_batch_size and cfg.train.global_batch_size % more:
@@ -186,6 +189,8 @@ def alternatives(cfg, shape, world, nodes, limit) -> list[tuple[str, Candidate]]
                 out.append((f"backend={b}{where}", c))
         if out:
             break
+    if pp:
+        return out[:4]  # host offload: ZeRO's, or fsdp's that pipeline stages do not set up
     if not any(what.startswith("backend=") and "nodes=" not in what for what, _ in out):
         out = offload_alternatives(cfg, shape, world, nodes, limit) + out
     return out[:4]
@@ -248,6 +253,13 @@ def warnings_for(plan: Plan, cand: Candidate | None) -> list[str]:
             f"~{per_micro_compute:.2f}s of compute (about {need:,.0f} tokens would hide them); "
             f"consider {', '.join(remedies)}"
         )
+    if (piped := pipelined(plan, cand)) is not None:
+        out.append(
+            f"{t.exposed_comm_s:.2f}s of the {t.step_s:.2f}s step is exposed communication "
+            f"across {plan.nodes} nodes: backend.pp={plan.nodes} (one stage per node, "
+            f"{s.backend} inside it; docs/pipeline.md) predicts {piped.time.step_s:.2f}s and "
+            f"{piped.est.peak / GIB:.1f} GiB per GPU with the same micro-batch"
+        )
     share = f"{cand.est.peak / GIB:.1f} GiB is {cand.est.peak / plan.budget:.0%} of the " \
             f"{plan.budget / GIB:.1f} GiB per GPU on {cfg.hardware.name}"  # fmt: skip
     if cand.est.peak > plan.budget:
@@ -277,6 +289,22 @@ def warnings_for(plan: Plan, cand: Candidate | None) -> list[str]:
             "accumulates them in fp32"
         )
     return out
+
+
+def pipelined(plan: Plan, cand: Candidate) -> Candidate | None:
+    """The same cut with one pipeline stage per node, where the inter-node link exposes the
+    data-parallel collectives and the pipeline fits and is faster; else None."""
+    cfg, s, t = plan.cfg, cand.setup, cand.time
+    p = plan.nodes
+    if (p < 2 or cfg.backend.pp > 1 or s.backend not in ("ddp", "fsdp", "hsdp")
+            or t.exposed_comm_s < 0.1 * t.step_s or plan.shape.layers % p
+            or plan.shape.tie):  # fmt: skip
+        return None
+    piped = copy.deepcopy(cfg)
+    piped.backend.pp = p  # K grows p-fold (dp = world / p): 1F1B's K >= p holds
+    c = evaluate(piped, plan.shape, plan.world, plan.nodes, s.micro, "per_cycle", cand.ac)
+    fits = c.est.peak <= cfg.plan.headroom * plan.budget
+    return c if fits and c.time.step_s < t.step_s else None
 
 
 # ---------------------------------------------------------------- explanations

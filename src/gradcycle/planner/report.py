@@ -88,6 +88,8 @@ def render_json(plan: Plan) -> dict:
         model_fpt = flops_per_token(run.setup)[0]
         per_gpu = cfg.plan.mfu * cfg.hardware.bf16_tflops * 1e12 / model_fpt
         out["flops_per_token"] = model_fpt
+        if run.setup.pp > 1:
+            out["pipeline"] = _pipeline(run)
         out["tokens_per_s_at_mfu"] = per_gpu * plan.world
     else:
         out["explanation"] = explain(plan)
@@ -104,6 +106,16 @@ def render_json(plan: Plan) -> dict:
         warnings=plan.warnings,
     )  # fmt: skip
     return out
+
+
+def _pipeline(c: Candidate) -> dict:
+    from gradcycle.planner import pipeline
+
+    s, stages = c.setup, c.est.stages
+    return {"stages": s.pp, "virtual": s.pp_virtual, "schedule": s.pp_schedule,
+            "bubble_fraction": pipeline.bubble_fraction(s.pp, s.accumulation, s.pp_virtual),
+            "peak_stage": stages.index(max(stages)), "per_stage_bytes": [int(b) for b in stages],
+            "p2p_bytes_per_step": pipeline.p2p_bytes_per_step(s)}  # fmt: skip
 
 
 def _attention(c: Candidate) -> dict:
@@ -160,6 +172,12 @@ def render_text(plan: Plan) -> str:
                      "than per_micro through the cycle")  # fmt: skip
     lines += _host(run)
     lines += _collectives(plan, run)
+    if run.setup.pp > 1:
+        p = _pipeline(run)
+        lines.append(f"pipeline: {p['stages']} stages ({p['schedule']}, {p['virtual']} per rank), "
+                     f"bubble {p['bubble_fraction']:.1%} of the step; peak per stage (GiB): "
+                     + ", ".join(f"{b / GIB:.2f}" for b in p["per_stage_bytes"])
+                     + f" (the memory above is stage {p['peak_stage']}'s)")  # fmt: skip
     model_fpt = flops_per_token(run.setup)[0]
     per_gpu = cfg.plan.mfu * cfg.hardware.bf16_tflops * 1e12 / model_fpt
     lines.append(f"throughput: {model_fpt:.3g} FLOP/token (6N + 12·L·h·s); at {cfg.plan.mfu:.0%} "
