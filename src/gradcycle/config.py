@@ -171,6 +171,14 @@ class PlanConfig:
 
 
 @dataclass
+class SimulateConfig:
+    """python -m gradcycle.simulate: rank `rank` of the nodes x gpus_per_node job, on one CPU."""
+
+    rank: int = 0
+    format: str = "text"  # text | json
+
+
+@dataclass
 class Config:
     seed: int = 1234
     precision: str = "fp32"  # fp32 | bf16 | fp16
@@ -195,6 +203,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    simulate: SimulateConfig = field(default_factory=SimulateConfig)
 
 
 def register_configs() -> None:
@@ -238,6 +247,7 @@ def validate(cfg: Any, this_machine: bool = True) -> None:
     _one_of("train.on_nonfinite", cfg.train.on_nonfinite, ("skip", "halt"))
     _one_of("logging.wandb.mode", cfg.logging.wandb.mode, ("disabled", "offline", "online"))
     _one_of("plan.format", cfg.plan.format, ("text", "json"))
+    _one_of("simulate.format", cfg.simulate.format, ("text", "json"))
     if not (0 < cfg.plan.mfu <= 1 and 0 < cfg.plan.headroom <= 1):
         raise ValueError(
             f"plan.mfu={cfg.plan.mfu} and plan.headroom={cfg.plan.headroom} must be within (0, 1]"

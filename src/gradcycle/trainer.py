@@ -90,8 +90,9 @@ def resolve_run_dir(cfg, env) -> Path:
     return Path(path).expanduser().resolve()
 
 
-def run(cfg) -> dict:
-    """Train according to `cfg` (a composed config). Returns the last step's record."""
+def run(cfg, on_backend=None) -> dict:
+    """Train according to `cfg` (a composed config). Returns the last step's record.
+    `on_backend(backend)` is called once the backend is built (gradcycle.sim's memory tracker)."""
     validate(cfg)  # every user error before anything starts or is written
     env = distributed.read_env()
     cfg = hardware.resolve(cfg, distributed.device_type(cfg.device))  # hardware=auto: detect
@@ -100,14 +101,14 @@ def run(cfg) -> dict:
     cfg = plan_auto.resolve_auto(cfg, env.world_size, nodes)
     for attempt in range(plan_auto.MAX_OOM_RETRIES + 1):
         try:
-            return _run(cfg, env, nodes)
+            return _run(cfg, env, nodes, on_backend)
         except plan_auto.FirstStepOOM as oom:
             failed = oom.detached()  # retried below, once this attempt's tensors are freed
         cfg = plan_auto.after_oom(cfg, env.world_size, nodes, failed, attempt)
     raise AssertionError("after_oom raises on the last attempt")
 
 
-def _run(cfg, env, nodes: int) -> dict:
+def _run(cfg, env, nodes: int, on_backend=None) -> dict:
     plan = plan_from_config(cfg, env.world_size)
     # Every rank; data=stdlib|files|hub prepare into the cache on first use (file-locked, once).
     data = open_dataset(cfg, progress=env.is_main)  # every data error here, before any collective
@@ -135,6 +136,8 @@ def _run(cfg, env, nodes: int) -> dict:
         for line in startup_plan.lines(cfg, make_model("meta"), env.world_size):
             print(line, flush=True)
     backend = build_backend(cfg, make_model, device, env.world_size, run_dir)
+    if on_backend is not None:
+        on_backend(backend)
     n_params = count_params(backend.module)
     state = State()
     faults = Faults.from_env(env.rank)  # test-only fault injection (GRADCYCLE_FAULT); else no-op

@@ -22,7 +22,9 @@ class DDPBackend(TorchBackend):
 
     def __init__(self, cfg, make_model, device: torch.device, world: int):
         self.sync = "per_micro" if cfg.backend.sync == "per_micro" else "per_cycle"
-        module = make_model("cpu").to(device)
+        module = make_model("cpu")
+        if device.type != "cpu":  # (a fake module, gradcycle.sim, cannot move onto itself)
+            module = module.to(device)
         model = module
         if world > 1:
             model = DDP(

@@ -34,6 +34,7 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -143,7 +144,10 @@ class FSDPBackend(TorchBackend):
         self.shape = mesh_shape(self.name, world, bc.replicate, nodes)
         self._owns_group = _init_single_process_group(device)
         names = ("shard",) if self.name == "fsdp" else ("replicate", "shard")
-        self.mesh = init_device_mesh(device.type, self.shape, mesh_dim_names=names)
+        # The mesh is host bookkeeping (rank tables): real tensors even under gradcycle.sim's
+        # FakeTensorMode, where it would otherwise have no values to find this rank in.
+        with unset_fake_temporarily():
+            self.mesh = init_device_mesh(device.type, self.shape, mesh_dim_names=names)
         self.mp = mp_policy(cfg.precision, bc.reduce_dtype)
         module = make_model("meta")
         self.units = shard_model(module, self.mesh, self.mp, self.sync == "per_cycle")
