@@ -1,12 +1,18 @@
 """FSDP2 (`fully_shard`) and HSDP (FSDP2 on a replicate x shard mesh).
 
-Sharding plan: one FSDP unit per decoder layer plus the root (embeddings, final norm, head), so a
-model with L layers has U = L + 1 units; each unit all-gathers its parameters in one collective and
-reduce-scatters its gradients in one collective.
+Sharding plan (torchtitan's): the input embedding, each decoder layer, and the final norm with the
+output head are units of their own, so a model with L layers has U = L + 2 units (the root holds no
+parameter left); with tied embeddings the embedding, norm and head stay one root unit (U = L + 1).
+Each unit all-gathers its parameters in one collective and reduce-scatters its gradients in one.
+Why not one root unit for embedding and head: it would stay unsharded from its forward to the end
+of every backward, with the head's gradient (which the chunked loss computes in forward) beside
+it: for llama-70b with a 128k vocabulary 5.9 GiB per GPU at the peak, 17% of it (simulated,
+docs/planner.md). As units of their own, the embedding is resharded after its forward and the
+head unit right after its backward, which reduce-scatters the head's gradient at once.
 
 Accumulation boundary, per `backend.sync`:
 - per_micro (FSDP2's default): every micro-batch all-gathers each unit in forward, again in backward
-  (except the root, which keeps its parameters between forward and backward) and reduce-scatters
+  (except the norm + head unit, which backward needs first and keeps from its forward) and reduce-scatters
   each unit's gradient: K*(2U-1) all-gathers and K*U reduce-scatters per cycle.
 - per_cycle: units keep their parameters after forward (`reshard_after_forward=False`) and after
   the backward of every non-last micro-batch (`set_reshard_after_backward(last)`), and gradients
@@ -98,17 +104,38 @@ def mp_policy(precision: str, reduce_dtype: str) -> MixedPrecisionPolicy:
 
 
 def shard_model(module: nn.Module, mesh, mp: MixedPrecisionPolicy, per_cycle: bool) -> list:
-    """Apply the sharding plan in place (bottom-up: layers, then the root). Returns the units.
+    """Apply the sharding plan in place, bottom-up. Returns the units that hold parameters, in
+    forward order (embedding, layers, norm + head; tied: layers, root).
 
     Works on a meta-device model: nothing is allocated, so the plan of a 70B model is cheap.
     """
     reshard = False if per_cycle else None  # None: FSDP2's default (True, root False)
+    embed, head = module.get_input_embeddings(), module.get_output_embeddings()
+    norm = getattr(getattr(module, "base_model", None), "norm", None)
+    apart = embed is not None and head is not None and head.weight is not embed.weight
     units = []
+    if apart:
+        fully_shard(embed, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+        units.append(embed)
     for layer in decoder_layers(module):
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
         units.append(layer)
+    if apart:
+        # Backward starts here: kept from its forward (no re-gather), resharded after backward.
+        fully_shard([m for m in (norm, head) if m is not None], mesh=mesh, mp_policy=mp,
+                    reshard_after_forward=False)  # fmt: skip
+        units.append(head)
     fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
-    return [*units, module]
+    if any(True for _ in _own_parameters(module)):
+        units.append(module)
+    return units
+
+
+def _own_parameters(module: nn.Module):
+    """Parameters no FSDP unit below `module` has taken: what the root itself shards."""
+    taken = {id(p) for m in module.modules() if m is not module and isinstance(m, FSDPModule)
+             for p in m.parameters()}  # fmt: skip
+    return (p for p in module.parameters() if id(p) not in taken)
 
 
 def _init_single_process_group(device: torch.device) -> bool:
@@ -151,11 +178,12 @@ class FSDPBackend(TorchBackend):
         self.mp = mp_policy(cfg.precision, bc.reduce_dtype)
         module = make_model("meta")
         self.units = shard_model(module, self.mesh, self.mp, self.sync == "per_cycle")
+        self.layers = list(decoder_layers(module))
         with CommCounter.instance().suspended():  # start-up traffic is not a training step's
             self.bytes_read = materialise(module, cfg.model, cfg.seed, device)
         if bc.compile:
             # After fully_shard, so FSDP's hooks stay outside the compiled regions.
-            for layer in self.units[:-1]:
+            for layer in self.layers:
                 layer.compile()
         super().__init__(cfg, module, module, device, world)
 
@@ -176,7 +204,7 @@ class FSDPBackend(TorchBackend):
         loss = super().eval_loss(batch, loss_fn)
         # A no-grad forward keeps what reshard_after_forward=False units (per_cycle; the root
         # always) gathered: free it, so the next cycle starts sharded, as after a step.
-        for unit in self.units:
+        for unit in [*self.units, self.model]:
             unit.reshard()
         return loss
 
