@@ -41,6 +41,11 @@ _LEAVES = {
         "reduce_scatter",
         lambda a, k: sum(_nbytes(t) for t in _arg(a, k, 1, "input_list") or ()),
     ),
+    # Point-to-point (pipeline stages): each send and each receive is one call of its tensor's
+    # bytes. batch_isend_irecv runs P2POps whose `op` is isend/irecv, looked up when the op is
+    # made, so the wrapped ones: counted there, never twice.
+    **{name: ("point_to_point", lambda a, k: _nbytes(_arg(a, k, 0, "tensor")))
+       for name in ("send", "recv", "isend", "irecv")},
 }
 
 
@@ -66,7 +71,7 @@ def _arg(args: tuple, kwargs: dict, index: int, name: str):
     return args[index] if len(args) > index else kwargs.get(name)
 
 
-OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
+OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "point_to_point")
 
 
 def _nbytes(t) -> int:
@@ -104,7 +109,8 @@ class CommCounter:
         def counted(*args, **kwargs):
             if not getattr(self._suspended, "depth", 0):
                 self.record(op, size(args, kwargs))
-            return fn(*args, **kwargs)
+            with self.suspended():  # one count per call: send() runs isend() inside (2.13)
+                return fn(*args, **kwargs)
 
         counted.__wrapped__ = fn
         counted.__name__ = fn.__name__
