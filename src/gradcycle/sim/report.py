@@ -84,6 +84,7 @@ def result(*, cfg, env, batch, tracker, record, candidate, attention, wall_s: fl
         "comm": comm,
         "planner_comm": p_comm,
         "comm_ratio": comm_ratio,
+        "sync_plan": [list(row) for row in tracker.backend.sync_plan(batch.accumulation_steps).rows],
         "steps": [{"name": s.name, "peak_bytes": s.peak_bytes, "peak_at": s.peak_at,
                    "start_bytes": s.start_bytes, "by_category": s.by_category} for s in steps],  # fmt: skip
         "host_rss_bytes": host_rss,
