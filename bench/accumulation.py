@@ -13,6 +13,7 @@
 
     python bench/accumulation.py               # both tables
     python bench/accumulation.py --part time   # or --part memory
+    python bench/accumulation.py --smoke       # tiny model, K = 1, 2, micro 1, 2: seconds
 """
 
 from __future__ import annotations
@@ -40,9 +41,13 @@ MEM_MODEL = [
     "data.max_documents=1500", "train.global_batch_size=16", "train.eval_every=0",
     "logging.progress=false", "checkpoint.at_end=false", "seed=7",
 ]  # fmt: skip
+# --smoke: a tiny model (after either list, so its values win) and a global batch of 4.
+SMOKE = ["model.hidden_size=64", "model.num_layers=2", "model.intermediate_size=128",
+         "data.seq_len=64", "data.vocab_size=512", "data.max_documents=300",
+         "train.global_batch_size=4"]  # fmt: skip
 
 
-def part_time(ks: list[int], reps: int, warmup: int, steps: int) -> str:
+def part_time(ks: list[int], reps: int, warmup: int, steps: int, extra=()) -> str:
     import torch
 
     torch.set_num_threads(1)
@@ -52,7 +57,8 @@ def part_time(ks: list[int], reps: int, warmup: int, steps: int) -> str:
     for rep in range(reps):
         order = ks[rep % len(ks) :] + ks[: rep % len(ks)]
         for k in order:
-            over = [*TIME_MODEL, f"train.accumulation_steps={k}",
+            over = [*TIME_MODEL, *extra, "train.global_batch_size=null",
+                    f"train.accumulation_steps={k}",
                     f"train.max_steps={warmup + steps}"]  # fmt: skip
             ends, records, _ = timed_train(over, 0, f"accumulation-k{k}")
             samples[k] = records[0]["samples"]
@@ -71,10 +77,10 @@ def part_time(ks: list[int], reps: int, warmup: int, steps: int) -> str:
             f"{reps} interleaved reps x {steps} steps\n" + table(head, rows))  # fmt: skip
 
 
-def _point(micro: int, ac: str) -> dict:
+def _point(micro: int, ac: str, extra=()) -> dict:
     """One fresh trainer process; returns its profiled step's record."""
     with tempfile.TemporaryDirectory() as run_dir:
-        cmd = [sys.executable, str(ROOT / "train.py"), *MEM_MODEL,
+        cmd = [sys.executable, str(ROOT / "train.py"), *MEM_MODEL, *extra,
                f"train.micro_batch_size={micro}", f"activation_checkpointing.mode={ac}",
                "train.max_steps=2", "profile=true", "profile_steps=[2]", f"run_dir={run_dir}"]  # fmt: skip
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1800)
@@ -83,18 +89,18 @@ def _point(micro: int, ac: str) -> dict:
         return next(r for r in records if "profile" in r)
 
 
-def part_memory(micros: list[int], modes: list[str]) -> str:
+def part_memory(micros: list[int], modes: list[str], extra=()) -> str:
     from gradcycle.data.reader import open_dataset
     from gradcycle.model import build_model, count_params
 
-    cfg = compose(MEM_MODEL)
+    cfg = compose([*MEM_MODEL, *extra])
     vocab = len(open_dataset(cfg).tokenizer)  # what the trainer sizes the model by
     n_params = count_params(build_model(cfg.model, vocab, "meta"))
     grads = 4 * n_params
     rows, act = [], {}
     for ac in modes:
         for micro in micros:
-            r = _point(micro, ac)
+            r = _point(micro, ac, extra)
             alloc = r["profile"]["alloc_peak_bytes"]
             act[(ac, micro)] = alloc - grads
             rows.append([ac, micro, r["accumulation_steps"], f"{alloc / 2**20:.1f}",
@@ -119,13 +125,17 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true", help="smallest size (checks the script)")
     a = ap.parse_args()
+    extra = SMOKE if a.smoke else []
+    if a.smoke:
+        a.ks, a.micros, a.checkpointing, a.reps, a.steps = "1,2", "1,2", "none", 1, 1
     if a.part in ("time", "both"):
         ks = [int(x) for x in a.ks.split(",")]
-        print(part_time(ks, a.reps, a.warmup, a.steps), flush=True)
+        print(part_time(ks, a.reps, a.warmup, a.steps, extra), flush=True)
     if a.part in ("memory", "both"):
         micros = [int(x) for x in a.micros.split(",")]
-        print(part_memory(micros, a.checkpointing.split(",")), flush=True)
+        print(part_memory(micros, a.checkpointing.split(","), extra), flush=True)
 
 
 if __name__ == "__main__":

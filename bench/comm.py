@@ -10,6 +10,7 @@ model's would be (DeepSpeed otherwise keeps small parameters resident). hsdp run
 
     python bench/comm.py                       # every backend present in src/gradcycle/backends
     python bench/comm.py --backends ddp,fsdp --ks 1,4
+    python bench/comm.py --smoke               # K=2 per_cycle, ddp/hsdp/zero3 in one spawn
 
 Bytes are those of the full buffers handed to each collective (gloo on CPU runs reduce-scatter
 as an all-reduce underneath; the counts are what the backend asks for, as on NCCL).
@@ -41,11 +42,16 @@ def _plan_lines(text: str) -> tuple[str, str, str]:
     return policy, memory, note
 
 
-def backend_runs(rank: int, world: int, backend: str, jobs: list[tuple[str, int]]) -> list[dict]:
-    """On each rank: every (policy, K) job of one backend in turn; rank 0 returns the results."""
+def backend_runs(rank: int, world: int, backends: list[str], jobs: list[tuple[str, int]]) -> list:
+    """On each rank: every (policy, K) job of each backend in turn; rank 0 returns the results,
+    one list per backend."""
     import torch
 
     torch.set_num_threads(1)
+    return [_one_backend(rank, backend, jobs) for backend in backends]
+
+
+def _one_backend(rank: int, backend: str, jobs: list[tuple[str, int]]) -> list[dict]:
     out = []
     for policy, k in jobs:
         over = [*TINY, f"backend={backend}", f"backend.sync={policy}",
@@ -78,32 +84,43 @@ def main() -> None:
     ap.add_argument("--backends", default=None, help="default: every backend present")
     ap.add_argument("--ks", default="1,2,4,8")
     ap.add_argument("--policies", default="per_cycle,per_micro")
+    ap.add_argument("--smoke", action="store_true", help="smallest size (checks the script)")
     a = ap.parse_args()
     backends = a.backends.split(",") if a.backends else backends_available()
+    if a.smoke:  # one backend of each module (ddp.py, fsdp.py, deepspeed.py), comm's overrides
+        a.ks, a.policies = "2", "per_cycle"
+        backends = a.backends.split(",") if a.backends else ["ddp", "hsdp", "zero3"]
     ks = [int(x) for x in a.ks.split(",")]
-    jobs = [(p, k) for p in a.policies.split(",") for k in ks] + [("auto", 4)]
+    jobs = [(p, k) for p in a.policies.split(",") for k in ks] + ([] if a.smoke else [("auto", 4)])
+    # One spawn per backend, so a crash costs that backend's rows only; smoke: one for all.
+    groups = [backends] if a.smoke else [[b] for b in backends]
     rows, notes = [], {}
-    for backend in backends:
+    for group in groups:
         t0 = time.time()
         try:
-            results = run_on_ranks(backend_runs, 2, (backend, jobs), timeout=1800)[0]
+            per_backend = run_on_ranks(backend_runs, 2, (group, jobs), timeout=1800)[0]
         except RuntimeError as e:
-            rows.append([backend, "", "", *[""] * len(OPS), f"failed: {str(e)[-120:]}"])
+            rows.append([",".join(group), "", "", *[""] * len(OPS), f"failed: {str(e)[-120:]}"])
             continue
-        for r in results:
-            if "error" in r:
-                rows.append([backend, r["policy"], r["k"], *["n/a"] * len(OPS), "refused (note)"])
-                notes[(backend, r["policy"])] = r["error"]
-                continue
-            policy = (
-                r["policy"] if r["policy"] == r["resolved"] else f"{r['policy']}->{r['resolved']}"
-            )
-            rows.append(
-                [backend, policy, r["k"], *[_fmt(r["comm"][op]) for op in OPS], r["memory"]]
-            )
-            if r["note"]:
-                notes[(backend, r["resolved"])] = r["note"]
-        print(f"  {backend}: {time.time() - t0:.0f}s", flush=True)
+        for backend, results in zip(group, per_backend):
+            for r in results:
+                if "error" in r:
+                    rows.append(
+                        [backend, r["policy"], r["k"], *["n/a"] * len(OPS), "refused (note)"]
+                    )
+                    notes[(backend, r["policy"])] = r["error"]
+                    continue
+                policy = (
+                    r["policy"]
+                    if r["policy"] == r["resolved"]
+                    else f"{r['policy']}->{r['resolved']}"
+                )
+                rows.append(
+                    [backend, policy, r["k"], *[_fmt(r["comm"][op]) for op in OPS], r["memory"]]
+                )
+                if r["note"]:
+                    notes[(backend, r["resolved"])] = r["note"]
+        print(f"  {','.join(group)}: {time.time() - t0:.0f}s", flush=True)
     print("collectives per optimizer step on 2 CPU ranks (calls / bytes), tiny Llama: "
           "2 decoder layers, fp32, micro-batch 2")  # fmt: skip
     print(table(["backend", "sync", "K", *OPS, "extra memory held (sync plan)"], rows))

@@ -1,6 +1,7 @@
 """The data layer at growing corpus sizes: prepare throughput, memory per rank, data wait.
 
     python bench/data.py [--sizes 10,100,1000] [--dir /tmp/gradcycle-bench-data] [--steps 20]
+    python bench/data.py --smoke     # a 0.3 MB corpus, a 512-token vocabulary, 4 steps: seconds
 
 Per corpus (jsonl of stdlib-derived documents, generated locally: every stdlib source file, its
 lines shuffled once per pass, until the size is reached):
@@ -31,8 +32,10 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,9 +45,12 @@ PY = sys.executable
 MODEL = ["model=tiny", "data.seq_len=256", "train.global_batch_size=16", "train.micro_batch_size=4",
          "train.eval_every=0", "checkpoint.at_end=false", "logging.progress=false",
          "data.num_workers=2"]  # fmt: skip
+# --smoke: the CI model and a small vocabulary (given last, so these win)
+SMOKE = ["experiment=cpu_smoke", "data.seq_len=64", "train.global_batch_size=8",
+         "train.micro_batch_size=2", "train.eval_every=0"]  # fmt: skip
 
 
-def make_corpus(path: Path, mb: int) -> Path:
+def make_corpus(path: Path, mb: float) -> Path:
     """jsonl of stdlib files, each pass with every file's lines in another order."""
     if path.is_file():
         return path
@@ -52,7 +58,7 @@ def make_corpus(path: Path, mb: int) -> Path:
     from gradcycle.data.sources import stdlib_files
 
     texts = [Path(f).read_text(encoding="utf-8") for f in stdlib_files()]
-    target, size, rng = mb * 10**6, 0, random.Random(0)
+    target, size, rng = int(mb * 10**6), 0, random.Random(0)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as f:
         while size < target:
@@ -99,6 +105,10 @@ def watched(cmd: list[str], env: dict, until=None, log: Path | None = None):
                 if hit and name not in stamps:
                     stamps[name] = time.perf_counter() - t0
         time.sleep(0.2)
+    if until is not None:  # what happened after the last poll: stamped at exit (within 0.2 s)
+        for name, hit in until().items():
+            if hit and name not in stamps:
+                stamps[name] = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])}... exited {proc.returncode} (see {log})")
     return time.perf_counter() - t0, peak, stamps
@@ -147,33 +157,44 @@ def main() -> int:
     ap.add_argument("--sizes", default="10,100,1000", help="corpus sizes in MB")
     ap.add_argument("--dir", default="/tmp/gradcycle-bench-data")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--smoke", action="store_true", help="smallest size, in a temporary --dir")
     args = ap.parse_args()
+    if args.smoke:
+        args.sizes, args.steps, args.dir = "0.3", 4, tempfile.mkdtemp(prefix="gradcycle-data-")
+        try:
+            return measure_sizes(args, ["data.vocab_size=512"], SMOKE)
+        finally:
+            shutil.rmtree(args.dir, ignore_errors=True)
+    return measure_sizes(args, [], [])
+
+
+def measure_sizes(args, prepare_extra: list[str], train_extra: list[str]) -> int:
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "GRADCYCLE_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
     tokenizer = None
     rows = []
-    for mb in (int(s) for s in args.sizes.split(",")):
-        corpus = make_corpus(root / f"corpus-{mb}mb.jsonl", mb)
+    for mb in (float(s) for s in args.sizes.split(",")):
+        corpus = make_corpus(root / f"corpus-{mb:g}mb.jsonl", mb)
         text_mb = corpus.stat().st_size / 1e6
-        data = ["data=files", f"data.path={corpus}"]
+        data = ["data=files", f"data.path={corpus}", *prepare_extra]
         if tokenizer is not None:  # one tokenizer for every size (trained on the first corpus)
             data.append(f"data.tokenizer={tokenizer}")
         rates, walls, shares, peaks = {}, {}, {}, {}
         for n in (1, 2):
-            out, log = root / f"prepared-{mb}mb-np{n}", root / f"prepare-{mb}-np{n}.log"
+            out, log = root / f"prepared-{mb:g}mb-np{n}", root / f"prepare-{mb:g}-np{n}.log"
             peaks[n] = float("nan")  # a rerun reuses what is prepared: its rates, not its peak
             if not (out / "manifest.json").is_file():
                 cmd = [PY, "-m", "gradcycle.prepare", *data, f"prepare.out={out}",
                        f"prepare.num_proc={n}"]  # fmt: skip
                 _, peaks[n], _ = watched(cmd, env, log=log)
             rates[n], walls[n], shares[n] = _pipeline_rates(log)
-        prepared = root / f"prepared-{mb}mb-np1"
+        prepared = root / f"prepared-{mb:g}mb-np1"
         tokenizer = tokenizer or prepared / "tokenizer"
         bare = bare_encode_mb_s(corpus, prepared / "tokenizer")
 
-        run = root / f"run-{mb}mb"
+        run = root / f"run-{mb:g}mb"
         metrics = run / "metrics.jsonl"
         if metrics.exists():
             metrics.unlink()
@@ -182,14 +203,15 @@ def main() -> int:
             n = len(metrics.read_text().splitlines()) if metrics.exists() else 0
             return {"first": n >= 1, "last": n >= args.steps}
 
-        cmd = [PY, "train.py", *MODEL, "data=tokens", f"data.path={prepared}",
+        cmd = [PY, "train.py", *MODEL, *train_extra, "data=tokens", f"data.path={prepared}",
                f"train.max_steps={args.steps}", f"run_dir={run}", "resume=none"]  # fmt: skip
-        _, uss, stamps = watched(cmd, env, progress, log=root / f"train-{mb}.log")
+        _, uss, stamps = watched(cmd, env, progress, log=root / f"train-{mb:g}.log")
         recs = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
         steady = [r for r in recs if "loss" in r][1:]
         wait = sum(r["data_wait_s"] for r in steady) / sum(r["step_time_s"] for r in steady)
         header = [*HEADER[:8], f"USS per rank (step {args.steps})", *HEADER[9:]]
-        rows.append([f"{text_mb:,.0f} MB", f"{rates[1]:.2f}", f"{rates[2]:.2f}", f"{bare:.2f}",
+        size = f"{text_mb:,.0f} MB" if text_mb >= 10 else f"{text_mb:.1f} MB"
+        rows.append([size, f"{rates[1]:.2f}", f"{rates[2]:.2f}", f"{bare:.2f}",
                      f"{rates[1] / bare:.2f}x", f"{shares[1]:.0f}%", f"{walls[2]:.2f}",
                      f"{max(peaks.values()) / 2**20:,.0f} MB",
                      f"{uss / 2**20:,.0f} MB", f"{stamps.get('first', float('nan')):.1f} s",

@@ -2,6 +2,7 @@
 
     python bench/loss.py                    # the table (a few minutes on one CPU core)
     python bench/loss.py --vocabs 32000 --reps 3
+    python bench/loss.py --smoke            # vocabulary 512, 2 layers, seq 128, 1 rep: seconds
 
 Each configuration builds the trainer's backend (ddp, one process, fp32, AdamW) on a small Llama
 (hidden 128, 4 layers) and runs optimizer steps of one micro-batch of seq 512 x micro 4 = 2048
@@ -11,8 +12,8 @@ bench/memory_check.py) over one step's forward + backward, above the memory live
 and loss (hidden.sum() as the loss): what the head, the cross-entropy and their gradients add.
 Time: the median wall time of `--reps` optimizer steps per configuration, configurations
 interleaved so background load hits all alike (and the process CPU time, which moves less when
-other jobs share the cores). The chunked rows use the default chunk (2048 tokens: one chunk
-here) and 256 tokens (8 chunks).
+other jobs share the cores). The chunked rows use 2048 tokens (one chunk here) and 256 tokens
+(8 chunks: what loss.chunk_tokens=auto picks here).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ MODEL = ["model.hidden_size=128", "model.num_layers=4", "model.num_heads=4",
          "model.intermediate_size=344", "data.seq_len=512", "train.micro_batch_size=4",
          "train.global_batch_size=4", "train.eval_every=0", "logging.progress=false",
          "optim.warmup_steps=0", "hardware=cpu"]  # fmt: skip
+SMOKE = ["model.num_layers=2", "data.seq_len=128"]  # 512 tokens: still 2 chunks of 256
 IMPLS = (("full", 2048), ("chunked", 2048), ("chunked", 256))
 MARK = "gradcycle::loss_bench"
 
@@ -45,7 +47,7 @@ def _peak(fn) -> int:
     return window_peak(prof, MARK)[0]
 
 
-def run(vocab: int, reps: int) -> list[list]:
+def run(vocab: int, reps: int, extra: list[str] = ()) -> list[list]:
     import torch
 
     from gradcycle import distributed
@@ -54,7 +56,7 @@ def run(vocab: int, reps: int) -> list[list]:
     from gradcycle.trainer import token_loss
 
     torch.set_num_threads(1)
-    cfg = compose([*MODEL, f"model.vocab_size={vocab}"])
+    cfg = compose([*MODEL, *extra, f"model.vocab_size={vocab}"])
     shape = (cfg.train.micro_batch_size, cfg.data.seq_len)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, shape, generator=gen)
@@ -107,8 +109,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocabs", type=int, nargs="+", default=[4096, 32000, 128000])
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--smoke", action="store_true", help="smallest size (checks the script)")
     args = parser.parse_args()
-    rows = [row for vocab in args.vocabs for row in run(vocab, args.reps)]
+    if args.smoke:
+        args.vocabs, args.reps = [512], 1
+    extra = SMOKE if args.smoke else []
+    rows = [row for vocab in args.vocabs for row in run(vocab, args.reps, extra)]
     print(table(["vocab", "loss.impl", "chunk", "fwd+bwd peak MiB", "loss memory MiB",
                  "vs full", "step s", "time vs full", "cpu vs full", "loss (last step)"], rows))  # fmt: skip
 

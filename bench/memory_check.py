@@ -2,6 +2,7 @@
 
     python bench/memory_check.py            # the full table (several minutes on 2 cores)
     python bench/memory_check.py --quick    # ddp on one rank only
+    python bench/memory_check.py --smoke    # the smallest model on fsdp and zero3: 2 ranks, 1 step
 
 Each case builds the backend exactly as the trainer does (build_backend, activation checkpointing,
 token_loss) and runs a few optimizer steps of K micro-batches on random tokens. The measurement is
@@ -184,7 +185,13 @@ TWO_RANK_CASES = [
     case("h128-L4", "zero1", 4, 2),
     case("h128-L4", "zero2", 4, 2),
     case("h128-L4", "zero2", 4, 2, extra=["backend.sync=per_cycle"]),
+    # backend.reduce_dtype: fp32 (default) casts each bucket for the all-reduce, bf16 does not
+    case("h128-L4", "zero2", 4, 2, precision="bf16"),
+    case("h128-L4", "zero2", 4, 2, precision="bf16", extra=["backend.reduce_dtype=bf16"]),
+    case("h128-L4", "ddp", 4, 2, precision="bf16", extra=["backend.reduce_dtype=bf16"]),
 ]
+
+SMOKE_CASES = [case("h64-L2", b, 2, 2, extra=SHORT) for b in ("fsdp", "zero3")]
 
 
 def max_over_ranks(per_rank: list[list]) -> list:
@@ -205,12 +212,16 @@ def table(rows) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="ddp on one rank only")
+    parser.add_argument("--smoke", action="store_true", help="smallest size (checks the script)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("GRADCYCLE_CACHE", tempfile.mkdtemp(prefix="gradcycle-cache-"))
     from multiproc import run_on_ranks
 
+    if args.smoke:
+        print(table(max_over_ranks(run_on_ranks(measure, world_size=2, args=(SMOKE_CASES, 1)))))
+        return
     rows = run_on_ranks(measure, world_size=1, args=(DDP_CASES,))[0]
     if not args.quick:
         rows += max_over_ranks(run_on_ranks(measure, world_size=2, args=(TWO_RANK_CASES,)))

@@ -17,6 +17,7 @@ Accelerate's accumulate() defers only the gradient reduction (set_requires_gradi
 
     python bench/overhead.py                 # single process, then 2 ranks (ddp, fsdp if present)
     python bench/overhead.py --worlds 1 --reps 3
+    python bench/overhead.py --smoke         # tiny model, 1 rep x 1 step, 1 process + 2-rank fsdp
 
 The last line is `ratio gradcycle/bare=<x> gradcycle/accelerate=<y>` for the single process: the
 median over repetitions of the ratio of per-run median step times (paired, so slow drifts cancel).
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import math
 import statistics
 import time
 
@@ -42,7 +42,17 @@ MODEL = [
     "train.eval_every=0", "logging.progress=false", "checkpoint.at_end=false",
     "optim.warmup_steps=2", "seed=7",
 ]  # fmt: skip
+# --smoke: the tiny CI model in place of every MODEL value (given after MODEL, so it wins).
+SMOKE = [
+    "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4",
+    "model.intermediate_size=128", "data.vocab_size=512", "data.max_documents=300",
+    "train.global_batch_size=8", "train.micro_batch_size=2", "optim.warmup_steps=1",
+]  # fmt: skip
 IMPLS = ("gradcycle", "bare", "bare_fused", "accelerate")
+
+
+class NotComparable(Exception):
+    """An implementation cannot do this configuration's work here: its row says so, untimed."""
 
 
 class Workload:
@@ -62,29 +72,12 @@ class Workload:
     def batches(self):
         return _Cycles(self)
 
-
-class _Cycles:
-    """The trainer's global batches, fetched in the loop's process (host tensors on the CPU)."""
-
-    def __init__(self, w: Workload):
-        self.w = w
-
-    def cycle(self, step: int, rank: int, world: int, micro: int) -> list[dict]:
-        import torch
-
-        from gradcycle.data.loader import GlobalOrder, MicroBatches, to_device
-
-        w = self.w
-        order = GlobalOrder(len(w.train_set), w.cfg.seed)
-        mb = MicroBatches(w.train_set, order, w.plan.global_batch_size, rank, world, micro, w.pad)
-        return [to_device(h, torch.device("cpu")) for h in mb.cycle(step)]
-
     def model(self):
         from gradcycle.distributed import seed_everything
         from gradcycle.model import build_model
 
-        seed_everything(self.cfg.seed)  # the trainer's first draw: identical initial weights
-        return build_model(self.cfg.model, self.vocab, "cpu")
+        seed_everything(self.cfg.seed)  # as the trainer does before it builds: identical weights
+        return build_model(self.cfg.model, self.vocab, "cpu", seed=self.cfg.seed)
 
     def optimizer(self, params, fused: bool | None = None):
         import torch
@@ -98,11 +91,30 @@ class _Cycles:
         return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
 
     def lr(self, step: int) -> float:
-        p, o, n = self.plan, self.cfg.optim, self.cfg.train.max_steps
-        if step < p.warmup_steps:
-            return p.lr * (step + 1) / p.warmup_steps
-        t = min(1.0, (step - p.warmup_steps) / max(1, n - p.warmup_steps))
-        return p.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+        from gradcycle.batching import lr_at
+
+        o = self.cfg.optim
+        return lr_at(step, self.plan, o.schedule, self.cfg.train.max_steps, o.min_lr_ratio)
+
+
+class _Cycles:
+    """The trainer's global batches, fetched in the loop's process (host tensors on the CPU)."""
+
+    def __init__(self, w: Workload):
+        self.w, self._batches = w, None
+
+    def cycle(self, step: int, rank: int, world: int, micro: int) -> list[dict]:
+        import torch
+
+        from gradcycle.data.loader import GlobalOrder, MicroBatches, to_device
+
+        w = self.w
+        if self._batches is None:  # one sampler per run, as the trainer's loader holds one
+            order = GlobalOrder(len(w.train_set), w.cfg.seed)
+            self._batches = MicroBatches(
+                w.train_set, order, w.plan.global_batch_size, rank, world, micro, w.pad
+            )
+        return [to_device(h, torch.device("cpu")) for h in self._batches.cycle(step)]
 
 
 def _token_count(micro, world: int):
@@ -203,7 +215,7 @@ def run_accelerate(w: Workload, n: int, rank: int, world: int, backend: str):
     if world > 1 and backend == "fsdp" and acc.distributed_type != DistributedType.FSDP:
         # accelerate enables FSDP only on accelerator devices; on CPU it runs DDP instead, which
         # is not the same work: report it rather than time it.
-        raise RuntimeError(f"accelerate runs {acc.distributed_type.value} here, not FSDP")
+        raise NotComparable(f"accelerate runs {acc.distributed_type.value} here, not FSDP")
     model = w.model()
     model, opt = acc.prepare(model, w.optimizer(model.parameters()))
     batches, clip, ends, first = w.batches(), w.cfg.train.grad_clip, [], None
@@ -269,8 +281,11 @@ def measure(rank: int, world: int, backend: str, reps: int, warmup: int, steps: 
                 continue
             try:
                 ends, loss = RUNNERS[impl](w, n, rank, world, backend)
-            except Exception as e:  # e.g. a combination an implementation does not support
-                errors[impl] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+            except NotComparable as e:
+                errors[impl] = f"not run: {e}"
+                continue
+            except Exception as e:  # reported in its row; the other implementations still run
+                errors[impl] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
                 continue
             if rank == 0:
                 timed = list(zip(ends[warmup - 1 :], ends[warmup:]))
@@ -312,8 +327,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    ap.add_argument("--smoke", action="store_true", help="smallest size (checks the script)")
     ap.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     a = ap.parse_args()
+    if a.smoke:  # fsdp: the 2-rank path with the most of this script's own code
+        a.reps, a.warmup, a.steps, a.overrides = 1, 1, 1, [*SMOKE, *a.overrides]
+        a.backends = a.backends or "fsdp"
     worlds = [int(x) for x in a.worlds.split(",")]
     backends = a.backends.split(",") if a.backends else [
         b for b in ("ddp", "fsdp") if b in backends_available()]  # fmt: skip

@@ -19,6 +19,7 @@ with `git archive`; its own conf/), for a before/after table:
 
     python bench/startup.py --before afa6b82                  # fsdp, W=1 and 2, both sources
     python bench/startup.py --layers 4 --worlds 2 --sources random
+    python bench/startup.py --smoke     # widths 64/128, 1 layer, pretrained, W=2, temporary --work
 
 Timings move with other load on the machine; the memory columns do not. Needs Linux /proc.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,8 +38,8 @@ from pathlib import Path
 
 from _common import ROOT, table
 
-MODEL = ["model.hidden_size=4096", "model.intermediate_size=11008", "model.num_heads=32",
-         "model.vocab_size=32000", "model.max_position_embeddings=4096"]  # fmt: skip
+LLAMA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_heads": 32, "vocab_size": 32000}
+SMOKE = {"hidden_size": 64, "intermediate_size": 128, "num_heads": 4, "vocab_size": 512}
 RUN = ["experiment=cpu_smoke", "data.max_documents=200", "data.seq_len=64", "optim=sgd",
        "train.max_steps=1", "train.micro_batch_size=1", "train.eval_every=0",
        "checkpoint.at_end=false", "logging.progress=false", "backend.dist_timeout_s=1800"]  # fmt: skip
@@ -125,7 +127,17 @@ def _tree(rev: str, dest: Path) -> Path:
     return dest
 
 
-def _pretrained(layers: int, dest: Path) -> Path:
+def _model(widths: dict) -> list[str]:
+    return [*(f"model.{k}={v}" for k, v in widths.items()), "model.max_position_embeddings=4096"]
+
+
+def _n_params(widths: dict, layers: int) -> int:
+    """Embedding and head, per layer attention (4 h^2: as many KV heads as heads), MLP, 2 norms."""
+    h, i, v = widths["hidden_size"], widths["intermediate_size"], widths["vocab_size"]
+    return 2 * v * h + layers * (4 * h**2 + 3 * h * i + 2 * h) + h
+
+
+def _pretrained(widths: dict, layers: int, dest: Path, run: list[str]) -> Path:
     """The benchmark model saved once as fp32 safetensors (HF's default sharding)."""
     if (dest / "config.json").is_file():
         return dest
@@ -135,8 +147,8 @@ def _pretrained(layers: int, dest: Path) -> Path:
     from gradcycle.data.reader import open_dataset
     from gradcycle.model import build_model
 
-    cfg = compose([*RUN, *MODEL, f"model.num_layers={layers}"], str(ROOT / "conf"))
-    model = build_model(cfg.model, 32000, "cpu", seed=cfg.seed, dtype=torch.float32)
+    cfg = compose([*run, *_model(widths), f"model.num_layers={layers}"], str(ROOT / "conf"))
+    model = build_model(cfg.model, widths["vocab_size"], "cpu", seed=cfg.seed, dtype=torch.float32)
     model.save_pretrained(str(dest))
     del model
     # A pretrained run reads its tokenizer from the same directory: the one random runs train.
@@ -156,7 +168,22 @@ def main() -> None:
     parser.add_argument("--backends", default="fsdp")
     parser.add_argument("--before", default=None, help="git revision for the 'before' rows")
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "gradcycle-startup"))
+    parser.add_argument("--smoke", action="store_true", help="smallest size (checks the script)")
     args = parser.parse_args()
+    widths = LLAMA_7B
+    if args.smoke:
+        # pretrained: the path with this script's own code (the save, the page-cache eviction)
+        widths, args.layers, args.worlds, args.sources = SMOKE, 1, "2", "pretrained"
+        args.work = tempfile.mkdtemp(prefix="gradcycle-startup-")
+        try:
+            return measure(args, widths, ["data.max_documents=300"])  # the tests' token cache
+        finally:
+            shutil.rmtree(args.work, ignore_errors=True)
+    return measure(args, widths)
+
+
+def measure(args, widths: dict, extra: list[str] = ()) -> None:
+    run = [*RUN, *extra]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("GRADCYCLE_CACHE", str(work / "cache"))
@@ -165,18 +192,18 @@ def main() -> None:
         trees = {f"before ({args.before})": _tree(args.before, work / "before"), **trees}
     sources = args.sources.split(",")
     pre = (
-        _pretrained(args.layers, work / f"pretrained-{args.layers}")
+        _pretrained(widths, args.layers, work / f"pretrained-{args.layers}", run)
         if "pretrained" in sources
         else None
     )
-    n_params = 2 * 32000 * 4096 + args.layers * (4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096) + 4096
+    n_params = _n_params(widths, args.layers)
     rows = []
     for backend in args.backends.split(","):
         for source in sources:
             for world in map(int, args.worlds.split(",")):
                 for version, tree in trees.items():
                     extra = [f"model.pretrained={pre}"] if source == "pretrained" else []
-                    overrides = [*RUN, *MODEL, f"model.num_layers={args.layers}",
+                    overrides = [*run, *_model(widths), f"model.num_layers={args.layers}",
                                  f"backend={backend}", f"train.global_batch_size={world}",
                                  f"run_dir={work / 'run'}", *extra]  # fmt: skip
                     if pre is not None:
@@ -192,7 +219,8 @@ def main() -> None:
                     print(f"done: {version} {backend} {source} W={world}", file=sys.stderr)
                     (work / "rows.json").write_text(json.dumps(rows))  # kept if a later run fails
     print(
-        f"llama-7b widths, {args.layers} layers: {n_params / 1e9:.2f}B parameters, "
+        f"hidden {widths['hidden_size']}, MLP {widths['intermediate_size']}, vocabulary "
+        f"{widths['vocab_size']}, {args.layers} layers: {n_params / 1e9:.4g}B parameters, "
         f"{4 * n_params / 2**30:.2f} GiB fp32; one SGD step, micro-batch 1 x 64 tokens"
     )
     print(table(["code", "backend", "init", "W", "rank", "shard GiB", "start-up peak GiB",

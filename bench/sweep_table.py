@@ -3,6 +3,7 @@
     python train.py -m train.micro_batch_size=1,2,4,8 train.global_batch_size=8 \
         hydra.sweep.dir=outputs/sweep-micro
     python bench/sweep_table.py outputs/sweep-micro
+    python bench/sweep_table.py --smoke     # tabulates two tiny runs it trains first (seconds)
 
 Every run dir below the given paths (a dir holding metrics.jsonl) is one row: micro-batch size,
 accumulation steps K, world size and global batch (from its records), median tokens/s and step
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -95,16 +98,47 @@ def table(rows: list[dict], root: Path | None = None) -> str:
     return "\n".join(lines)
 
 
+def smoke_runs(dest: Path) -> Path:
+    """Two tiny real runs, micro-batch 1 and 2 at a global batch of 4, as a sweep would leave
+    them: the script is checked against the records the trainer writes today."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import compose, quiet
+
+    from gradcycle.trainer import run
+
+    for micro in (1, 2):
+        over = ["experiment=cpu_smoke", "data.max_documents=300", "train.eval_every=0",
+                "logging.progress=false", "checkpoint.at_end=false", "train.max_steps=3",
+                "train.global_batch_size=4", f"train.micro_batch_size={micro}",
+                f"run_dir={dest / f'micro{micro}'}"]  # fmt: skip
+        with quiet():
+            run(compose(over))
+    return dest
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("paths", nargs="+", type=Path, help="sweep dirs or run dirs")
+    ap.add_argument("paths", nargs="*", type=Path, help="sweep dirs or run dirs")
     ap.add_argument("--skip", type=int, default=1, help="leading steps left out of the medians")
     ap.add_argument("--json", action="store_true", help="one JSON object per run instead")
+    ap.add_argument("--smoke", action="store_true", help="train two tiny runs and tabulate them")
     args = ap.parse_args(argv)
-    runs = find_runs(args.paths)
+    if args.smoke:
+        tmp = Path(tempfile.mkdtemp(prefix="gradcycle-sweep-"))
+        try:
+            return tabulate([smoke_runs(tmp)], args)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not args.paths:
+        ap.error("give the sweep dirs or run dirs to tabulate (or --smoke)")
+    return tabulate(args.paths, args)
+
+
+def tabulate(paths: list[Path], args) -> int:
+    runs = find_runs(paths)
     rows = [r for r in (summarize(d, args.skip) for d in runs) if r is not None]
     if not rows:
-        print(f"no metrics.jsonl with step records under {', '.join(map(str, args.paths))}",
+        print(f"no metrics.jsonl with step records under {', '.join(map(str, paths))}",
               file=sys.stderr)  # fmt: skip
         return 1
     rows.sort(key=lambda r: (r["backend"], r["world"], r["global"], r["micro"]))
@@ -112,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             print(json.dumps(r))
     else:
-        root = args.paths[0] if len(args.paths) == 1 else None
+        root = paths[0] if len(paths) == 1 else None
         print(table(rows, root))
     return 0
 

@@ -55,7 +55,10 @@ def test_groups_are_the_documented_ones():
 def test_defaults_are_the_cpu_default_run():
     cfg = compose([])
     assert (cfg.backend.name, cfg.model.name, cfg.data.name, cfg.precision) == (
-        "ddp", "tiny", "stdlib", "fp32")  # fmt: skip
+        "ddp", "tiny", "stdlib", "auto")  # fmt: skip
+    from gradcycle.hardware import resolve_precision
+
+    assert resolve_precision(cfg, "cpu").precision == "fp32"  # on CPU: fp32, as it always was
     # The key names tools and scripts rely on.
     for key in ("seed", "precision", "run_dir", "train.max_steps", "train.global_batch_size",
                 "train.micro_batch_size", "train.accumulation_steps", "train.eval_every",

@@ -332,9 +332,10 @@ def test_bf16_trains(spawn, job):
 
 def test_bf16_zero1_accumulates_in_fp32_and_still_reduces_once_per_cycle(spawn):
     # BF16_Optimizer adds each micro-batch's bf16 gradient into an fp32 buffer and all-reduces
-    # that sum once at the boundary, in bf16 (DeepSpeed's communication dtype): 2P bytes.
+    # that sum once at the boundary in backend.reduce_dtype=fp32 (communication_data_type; without
+    # it DeepSpeed casts the sum to bf16 first): 4P bytes.
     comm = spawn["records"]["zero1-bf16"][-1]["comm"]["all_reduce"]
-    assert comm["calls"] == 1 and comm["bytes"] == 2 * P
+    assert comm["calls"] == 1 and comm["bytes"] == 4 * P
 
 
 def test_sync_plan_shows_overlap_and_accumulation_dtype(spawn):
@@ -361,10 +362,11 @@ def test_stale_ds_accelerator_in_the_environment_never_drives_the_run(monkeypatc
 
 def test_bf16_zero2_coalesces_gradient_reduction(spawn):
     # DeepSpeed 0.19 runs bf16 ZeRO-2 on its ZeRO optimizer, not the BF16_Optimizer wrapper, so
-    # coalesce_grad_reduction works: at K=2 one bf16 gradient all-reduce (2P bytes), the G
-    # grad-norm scalars (4 B) and bf16's 1-byte overflow flag; per_micro would add one more.
+    # coalesce_grad_reduction works: at K=2 one gradient all-reduce of the bf16 gradient cast to
+    # backend.reduce_dtype=fp32 (4P bytes), the G grad-norm scalars (4 B) and bf16's 1-byte
+    # overflow flag; per_micro would add one more.
     comm = spawn["records"]["zero2-bf16-per_cycle"][-1]["comm"]["all_reduce"]
-    assert (comm["calls"], comm["bytes"]) == (1 + G + 1, 2 * P + 4 * G + 1)
+    assert (comm["calls"], comm["bytes"]) == (1 + G + 1, 4 * P + 4 * G + 1)
 
 
 # -- the backend directly --------------------------------------------------------------------------

@@ -32,7 +32,7 @@ def test_generated_config_sections():
     assert z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
     assert z["stage3_param_persistence_threshold"] == 100
     for stage in (1, 2, 3):  # gradient reduction overlaps backward on every stage
-        c = compose([*TINY, f"backend=zero{stage}"])
+        c = compose([*TINY, f"backend=zero{stage}", "precision=fp32"])
         assert build_ds_config(c, _plan(c), on_gpu=False)["zero_optimization"]["overlap_comm"]
     # bf16: ZeRO-1 accumulates in fp32 (BF16_Optimizer); ZeRO-2/3 have no such mode
     z1, z2 = (compose([*TINY, f"backend={b}", "precision=bf16"]) for b in ("zero1", "zero2"))
@@ -69,7 +69,7 @@ def test_batch_key_in_deepspeed_config_is_rejected(key):
     (["backend=zero2", "+backend.deepspeed_config.scheduler.type=WarmupLR"], ["scheduler"]),
     (["backend=zero2", "+backend.deepspeed_config.zero_optimization.stage=3"],
      ["zero_optimization.stage=3", "backend=zero3"]),
-    (["backend=zero2", "+backend.deepspeed_config.bf16.enabled=true"],
+    (["backend=zero2", "precision=fp32", "+backend.deepspeed_config.bf16.enabled=true"],
      ["bf16.enabled=True", "precision=fp32"]),
     (["backend=zero2", "+backend.deepspeed_config.gradient_clipping=5.0"],
      ["gradient_clipping", "train.grad_clip"]),

@@ -9,7 +9,10 @@ size, the samples must not. World 2 runs on 2 real ranks (one spawn for every co
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 import traceback
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -19,7 +22,7 @@ from multiproc import run_on_ranks
 
 from gradcycle.batching import plan_from_config
 from gradcycle.data import IGNORE_INDEX
-from gradcycle.data.loader import train_loader
+from gradcycle.data.loader import CycleLoader, GlobalOrder, HostBatch, MicroBatches, train_loader
 from gradcycle.data.reader import open_dataset
 
 DATA = {
@@ -111,9 +114,95 @@ def test_each_epoch_is_a_permutation_of_the_split():
 def test_cycle_reports_targets_and_wait():
     loader = _loader("unpacked", 1, 0, 2, 0, 0, 2)
     cycle = loader.cycle(0)
+    micro = list(cycle.micro)  # streamed: read before the loader closes
     loader.close()
-    assert len(cycle.micro) == 4 and cycle.wait_s >= 0
-    assert cycle.targets == sum(
-        int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in cycle.micro
-    )
-    assert all(b["input_ids"].dtype == torch.int64 for b in cycle.micro)
+    assert len(cycle.micro) == len(micro) == 4 and cycle.wait_s >= 0
+    assert cycle.targets == sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+    assert all(b["input_ids"].dtype == torch.int64 for b in micro)
+
+
+# -- streaming: the count before the batches, the workers ahead all step ---------------------------
+LAYOUTS = {  # every sample kind the reader makes, masks and document starts included
+    "documents": RAGGED,
+    "packed": ["data.document_mask=false"],
+    "packed, document mask": ["data.document_mask=true"],
+    "sft documents": [
+        "data=stdlib_sft",
+        "data.max_documents=1500",
+        "data.packing=false",
+        "data.document_mask=false",
+    ],  # fmt: skip
+    "sft packed rows": ["data=stdlib_sft", "data.max_documents=1500"],
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_the_layout_count_is_the_batches_count(name):
+    """The cycle's target and input-token counts, taken from the samples' layouts before any batch
+    is built, are exactly what the built micro-batches hold (fine-tuning masks, document starts)."""
+    cfg = compose([*TINY, *LAYOUTS[name], "train.global_batch_size=8", "train.micro_batch_size=2"])
+    plan = plan_from_config(cfg, 1)
+    loader = train_loader(cfg, open_dataset(cfg, progress=False), plan,
+                          SimpleNamespace(rank=0, world_size=1), torch.device("cpu"), start=0,
+                          model=None)  # fmt: skip
+    batches = loader.batches
+    loader.close()
+    counted = [batches.counts(s) for s in range(12)]
+    built = [(sum(h.targets for h in c), sum(h.tokens for h in c))
+             for c in map(batches.cycle, range(12))]  # fmt: skip
+    assert counted == built
+    counts = [c[0] for c in counted]
+    tokens = [sum(int((h.rows[0] != batches.pad_id).sum()) for h in batches.cycle(s))
+              for s in range(12)]  # fmt: skip
+    if name.startswith("sft"):  # the prompts are masked: far fewer targets than tokens
+        assert all(c < 0.9 * t for c, t in zip(counts, tokens, strict=True))
+
+
+class _SlowBatches(MicroBatches):
+    """A worker that takes 0.1 s per micro-batch and leaves a file when it is done."""
+
+    done: Path
+
+    def __getitem__(self, i):
+        time.sleep(0.1)
+        out = super().__getitem__(i)
+        (self.done / str(int(i))).touch()
+        return out
+
+
+def test_slow_workers_keep_up_when_the_device_is_slower(tmp_path):
+    """K = 8 with 2 workers x 2 prefetched: fetching the whole cycle before the first forward
+    would find at most 4 of its micro-batches made. Streamed, with a device slower than the
+    workers (each micro-batch's "compute" waits until the workers have made the next one),
+    every micro-batch of steps 2 and 3 is made before the loop asks for it."""
+    cfg = compose([*TINY, "train.global_batch_size=8", "train.micro_batch_size=1"])
+    data = open_dataset(cfg, progress=False)
+    samples = data.samples("train", cfg.data)
+    batches = _SlowBatches(samples, GlobalOrder(len(samples), 0), 8, 0, 1, 1, data.pad_id)
+    batches.done = tmp_path
+    data_cfg = SimpleNamespace(num_workers=2, prefetch_factor=2, document_mask=False)
+    loader = CycleLoader(batches, torch.device("cpu"), 0, 3, data_cfg)
+    ready, handed = [], [0]  # made before asked for, per step; micro-batches handed out
+    real = loader._it
+
+    class Watch:  # what the loop asks the workers' stream for, and whether it was made
+        def __next__(self):
+            made = set(os.listdir(tmp_path))
+            item = next(real)
+            if isinstance(item, HostBatch):
+                ready[-1] += str(handed[0]) in made
+                handed[0] += 1
+            return item
+
+    loader._it = Watch()
+    try:
+        for step in range(3):
+            ready.append(0)
+            for _ in loader.cycle(step).micro:  # the device: done when the next one is made
+                deadline = time.monotonic() + 60
+                while str(handed[0]) not in os.listdir(tmp_path) and handed[0] < 24:
+                    assert time.monotonic() < deadline, "the workers stopped"
+                    time.sleep(0.01)
+    finally:
+        loader.close()
+    assert ready[1:] == [8, 8], ready

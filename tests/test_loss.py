@@ -17,6 +17,7 @@ from conftest import RAGGED, ROOT, TINY, compose, read_metrics
 from multiproc import run_on_ranks
 
 from gradcycle import loss
+from gradcycle.data.masking import document_ids
 from gradcycle.model import build_model
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -137,7 +138,8 @@ def test_every_chunk_size_gives_the_full_paths_loss_and_gradients(tie):
 
 
 def test_extra_batch_keys_reach_the_decoder():
-    """position_ids / attention_mask (document masking) go to the decoder on both paths."""
+    """position_ids, a padding attention_mask and document_ids (document masking: the mask is
+    built in the loss, data/masking.py) reach the decoder on both paths."""
     model = _model()
     batch = _batch()
     rows, width = batch["input_ids"].shape
@@ -146,11 +148,13 @@ def test_extra_batch_keys_reach_the_decoder():
     restart = torch.cat([torch.arange(width // 2), torch.arange(width - width // 2)])
     shifted = {**batch, "position_ids": restart.expand(rows, width)}
     mask = {**batch, "attention_mask": (batch["labels"] != -100).long()}
-    for extra in (shifted, mask):
+    documents = {**shifted, "document_ids": document_ids(shifted["position_ids"])}
+    for extra in (shifted, mask, documents):
         full, chunked = (_loss_and_grads(model, extra, impl, 16)[0] for impl in ("full", "chunked"))
         assert _rel(chunked.item(), full.item()) < 1e-6
     plain = _loss_and_grads(model, batch, "chunked", 16)[0]
-    assert _rel(_loss_and_grads(model, shifted, "chunked", 16)[0].item(), plain.item()) > 1e-4
+    assert _rel(_loss_and_grads(model, shifted, "chunked", 16)[0].item(), plain.item()) > 1e-6
+    assert _rel(_loss_and_grads(model, documents, "chunked", 16)[0].item(), plain.item()) > 1e-4
 
 
 def test_attached_model_keeps_logits_keys_and_hf_export(tmp_path):
@@ -316,18 +320,20 @@ def _candidates(impl: str, micros, *extra: str) -> list:
 
 
 def test_planner_models_one_chunk_and_the_head_gradient():
+    from gradcycle.planner.loss import loss_chunk_tokens
     from gradcycle.planner.memory import activations
 
     (full, _), (chunked, _) = (_candidates(impl, [16])[0] for impl in ("full", "chunked"))
-    chunk = chunked.setup.loss_chunk
-    assert (full.setup.loss, chunked.setup.loss, chunk) == ("full", "chunked", 256)
+    chunk = loss_chunk_tokens(chunked.setup)  # auto: 16 x 2048 tokens / ceil(32000 / 4096)
+    assert (full.setup.loss, chunked.setup.loss, chunk) == ("full", "chunked", 4096)
     v, h, tokens = 32000, 4096, 16 * 2048
     a_full, a_chunk = activations(full.setup), activations(chunked.setup)
     # full: bf16 logits + fp32 copy + fp32 log-softmax; then 3 fp32 buffers at backward start
     assert (a_full["loss_forward"], a_full["loss_backward"]) == (10 * tokens * v, 12 * tokens * v)
-    # chunked: one chunk's fp32 logits beside their bf16 matmul output, the head's bf16 gradient
-    assert a_chunk["loss_forward"] == 6 * chunk * v + 2 * v * h
-    assert a_chunk["loss_backward"] == 2 * v * h
+    # chunked: one chunk's fp32 logits beside their bf16 matmul output, the head's gradient
+    # accumulated in fp32; backward rounds it to the bf16 head (both for a moment)
+    assert a_chunk["loss_forward"] == 6 * chunk * v + 4 * v * h
+    assert a_chunk["loss_backward"] == (4 + 2) * v * h
     assert a_chunk["loss_backward"] <= a_full["loss_backward"] / 8
     assert full.est.phase == "backward start" and chunked.est.peak < full.est.peak
 

@@ -24,6 +24,7 @@ from multiproc import run_on_ranks
 from gradcycle.cli import main
 from gradcycle.data import IGNORE_INDEX
 from gradcycle.data.loader import GlobalOrder, MicroBatches, collate, to_device
+from gradcycle.data.masking import attention_inputs
 from gradcycle.data.reader import open_dataset
 from gradcycle.data.sft import TEMPLATES
 from gradcycle.model import build_model
@@ -168,8 +169,8 @@ def test_packed_examples_stay_whole_and_apart_unpacked_rows_pad():
         joined.append(len(ids))
     assert starts_seen == n_docs
     host = collate([rows[0], rows[1]], data.pad_id, document_mask=True)
-    batch = to_device(host, torch.device("cpu"), "sdpa", document_mask=True)
-    attend = batch["attention_mask"][:, 0]  # (b, T, T): True = may attend
+    batch = to_device(host, torch.device("cpu"), document_mask=True)
+    attend = attention_inputs(batch, "sdpa")["attention_mask"][:, 0]  # (b, T, T): may attend
     for r in range(2):
         ids, starts, mask = rows[r]
         doc = np.searchsorted(starts, np.arange(len(ids)), side="right")  # example of each token

@@ -106,14 +106,17 @@ def test_other_backends_and_the_json_output(capsys):
 
 def test_attention_allocates_what_the_target_kernel_saves():
     """flash and efficient save the output and a log-sum-exp; math saves b·h·T² scores."""
-    from gradcycle.sim.attention import TargetAttention, kernel_for
+    from gradcycle.sim.attention import TargetAttention, kernel
     from gradcycle.sim.tracker import MemoryTracker
     from gradcycle.sim.world import SimTensorMode
 
     bf16, b, h, t, d = torch.bfloat16, 2, 8, 1024, 64
-    assert kernel_for("a100-40gb", bf16, False, True, d) == "flash"
-    assert kernel_for("a100-40gb", bf16, True, False, d) == "efficient"
-    assert kernel_for("a100-40gb", torch.float32, False, True, d) == "math"  # fp32 + GQA
+    q, kv, mask = (torch.empty(b, h, t, d, dtype=bf16), torch.empty(b, h // 2, t, d, dtype=bf16),
+                   torch.ones(1, 1, t, t, dtype=torch.bool))  # fmt: skip
+    assert kernel("a100-40gb", q, kv, None) == "flash"
+    assert kernel("a100-40gb", q, q, mask) == "efficient"
+    assert kernel("a100-40gb", q.float(), kv.float(), None) == "math"  # fp32 + GQA
+    assert kernel("cpu", q, kv, None) == "cpu_flash"
     saved = {}
     for dtype, gqa in ((bf16, True), (torch.float32, False), (torch.float32, True)):
         tracker = MemoryTracker(1)

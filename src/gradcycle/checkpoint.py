@@ -16,6 +16,9 @@ Layout (every rank writes its own shards; the run dir must be on a filesystem al
 A checkpoint is written as `.tmp-step_<N>` and renamed when every rank's shards are on disk; only
 then does `latest` move. A crash at any moment leaves the previous checkpoint and `latest` valid.
 `checkpoint.keep=N` then deletes only complete checkpoints older than the one just written.
+Before each write every rank checks the free space, and a write that fails on any rank (disk
+full, EIO, quota) fails it on all of them at the same point, its `.tmp-` removed
+(gradcycle/diskspace.py: CheckpointSpaceError, exit code 4).
 
 The data position needs no state of its own: global batch `s` is a pure function of (seed, data,
 global batch size, s) (gradcycle/data/loader.py), and the LR schedule is a pure function of the
@@ -38,7 +41,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.distributed.checkpoint.api import CheckpointException
 
-from gradcycle import distributed
+from gradcycle import diskspace, distributed
 from gradcycle.checkpoint_index import (
     FORMAT_VERSION,
     LATEST,
@@ -63,11 +66,6 @@ SHAPE_FIELDS = ("pretrained", "hidden_size", "num_layers", "num_heads", "num_kv_
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def state_format(backend_name: str) -> str:
@@ -128,6 +126,7 @@ class Checkpointer:
         self.world = plan.world_size
         self.faults = faults if faults is not None else Faults.from_env(self.rank)
         self.format = state_format(cfg.backend.name)
+        self.room = diskspace.Room(cfg, self.root, self.run_dir, backend, self.faults, self.world)
         self._pruner: threading.Thread | None = None
 
     # -- resume ----------------------------------------------------------------------------
@@ -265,27 +264,45 @@ class Checkpointer:
         done, tmp = self.root / name, self.root / f"{TMP}{name}"
         main = self.rank == 0
         comm = CommCounter.instance()
+        error = None
         if main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            # Writes and deletions that died with an earlier process of this run (our own
-            # background deletion, if still running, finishes first).
-            self.wait_for_pruning()
-            for stale in [*self.root.glob(f"{TMP}*"), *self.root.glob(f"{TRASH}*")]:
-                shutil.rmtree(stale, ignore_errors=True)
-            (tmp / "rng").mkdir(parents=True)
-        _barrier()
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                # Writes and deletions that died with an earlier process of this run (our own
+                # background deletion, if still running, finishes first).
+                self.wait_for_pruning()
+                for stale in [*self.root.glob(f"{TMP}*"), *self.root.glob(f"{TRASH}*")]:
+                    shutil.rmtree(stale, ignore_errors=True)
+                (tmp / "rng").mkdir(parents=True)
+            except OSError as e:
+                error = e
         with comm.suspended():
-            self.backend.save_state(tmp / "state")
-            torch.save(distributed.rng_state(), tmp / "rng" / f"rank_{self.rank}.pt")
-            _barrier()  # every rank's shards are on disk
+            self.room.agree(error, name, tmp)  # a barrier that fails on every rank if one failed
+            self.room.check(name, state.step, tmp)  # all stop here if one rank lacks the space
+            try:
+                with self.faults.disk_full(state.step):
+                    self.backend.save_state(tmp / "state")
+                    torch.save(distributed.rng_state(), tmp / "rng" / f"rank_{self.rank}.pt")
+            except (Exception, CheckpointException) as e:  # DCP's is a BaseException
+                error = e
+            self.room.agree(error, name, tmp)  # every rank's shards are on disk
         self.faults.in_save(state.step)
         if main:
-            self._finish(state, tmp, done)
-        _barrier()
+            try:
+                self._finish(state, tmp, done)
+            except (Exception, CheckpointException) as e:
+                error = e
+        self.room.agree(error, name, tmp)
         comm.take()  # the save's collectives belong to no training step
         if main:  # after the barrier, in the background: nobody waits for the deletion
             self._prune(state.step)
         return done
+
+    def check_room_at_start(self, state) -> None:
+        """Before the first step: warn, or stop (checkpoint.require_space=true), if the next
+        checkpoint would not fit (gradcycle/diskspace.py)."""
+        with CommCounter.instance().suspended():  # not the first step's traffic
+            self.room.check_at_start(state.step)
 
     def _finish(self, state, tmp: Path, done: Path) -> None:
         """Rank 0: describe the checkpoint, rename it complete, move `latest`, prune."""

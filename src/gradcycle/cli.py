@@ -23,6 +23,7 @@ def _fail(message: str, code: int, every_rank: bool = False) -> int:
 
 
 def main(argv: list[str], conf_dir: str | None = None) -> int:
+    from gradcycle.diskspace import EXIT_NO_SPACE, CheckpointSpaceError
     from gradcycle.distributed import LaunchError, strip_local_rank_args
     from gradcycle.trainer import NonFiniteHalt, run
 
@@ -43,12 +44,27 @@ def main(argv: list[str], conf_dir: str | None = None) -> int:
         run(cfg)
     except NonFiniteHalt as e:
         return _fail(str(e), EXIT_HALT)
+    except CheckpointSpaceError as e:  # every rank raised it at the same point: none is waiting
+        _destroy_process_group()
+        return _fail(str(e), EXIT_NO_SPACE)
     except Exception as e:
         message = user_error(e)
         if message is None:
             raise
         return _fail(message, EXIT_USAGE, every_rank=isinstance(e, LaunchError))
     return 0
+
+
+def _destroy_process_group() -> None:
+    """Every rank stopped at the same point, so none waits in a collective: tear the group down
+    (through DeepSpeed where it holds references to it, so it forgets them too)."""
+    import torch.distributed as dist
+
+    deepspeed_comm = sys.modules.get("deepspeed.comm")
+    if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+        deepspeed_comm.destroy_process_group()
+    elif dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _hydra_main(argv: list[str], conf_dir: str) -> int:

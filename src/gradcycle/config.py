@@ -20,6 +20,9 @@ class ModelConfig:
     name: str = "tiny"
     pretrained: str | None = None  # local path or hub id for from_pretrained
     pretrained_required: bool = False  # fine-tuning presets: refuse to start without pretrained
+    # random init of another architecture: a folder with config.json, the file, or a hub id (the
+    # Llama fields below are then unused; vocab_size, if set, replaces the config's)
+    config: str | None = None
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
@@ -109,7 +112,10 @@ class BackendConfig:
     param_persistence_threshold: int | None = None  # ZeRO-3 stage3_param_persistence_threshold
     deepspeed_config: dict[str, Any] = field(default_factory=dict)  # merged into the generated one
     replicate: int | None = None  # hsdp: replica groups (default: number of nodes)
-    reduce_dtype: str = "fp32"  # fsdp/hsdp gradient reduction dtype under bf16/fp16
+    # The dtype gradients are reduced in across ranks, every backend: fp32 (default) or the
+    # training's 16-bit dtype (half the bytes). ddp: a comm hook; zero*: communication_data_type;
+    # fsdp/hsdp: MixedPrecisionPolicy.reduce_dtype.
+    reduce_dtype: str = "fp32"
     compile: bool = False
     dist_timeout_s: int = 300  # a dead rank makes the others fail after this, never hang
     startup_timeout_s: int = 1800  # the same bound for build/init/load, resume, checkpoint writes
@@ -124,7 +130,7 @@ class ActivationCheckpointingConfig:
 @dataclass
 class LossConfig:
     impl: str = "chunked"  # chunked | full | liger (gradcycle/loss.py)
-    chunk_tokens: int = 256  # chunked: tokens whose fp32 logits exist at a time
+    chunk_tokens: Any = "auto"  # chunked: tokens whose fp32 logits exist at a time, or auto
 
 
 @dataclass
@@ -146,6 +152,7 @@ class CheckpointConfig:
     every: int = 0  # 0 = only at the end
     keep: int = 2
     at_end: bool = True
+    require_space: bool = False  # start-up: the next checkpoint would not fit -> stop, not warn
 
 
 @dataclass
@@ -159,6 +166,7 @@ class HardwareConfig:
     intra_node_gbps: float | None = None  # per-device bus bandwidth, GB/s
     inter_node_gbps: float | None = None
     reserved_gb: float | None = None  # planner: memory_gb not available to tensors (context, NCCL)
+    bf16: bool | None = None  # computes bf16 natively: the planner's precision=auto is bf16
 
 
 @dataclass
@@ -181,7 +189,8 @@ class SimulateConfig:
 @dataclass
 class Config:
     seed: int = 1234
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: hardware.resolve_precision)
+    tf32: bool = True  # CUDA, precision=fp32: fp32 matmuls/convolutions in TF32
     run_dir: str | None = None  # None = outputs/<job id or timestamp>, one for all ranks
     resume: str = "none"  # none | auto | <checkpoint path>
     device: str = "auto"  # auto | cpu | cuda
@@ -234,11 +243,19 @@ def validate(cfg: Any, this_machine: bool = True) -> None:
     """Check every user-facing value; raise ValueError naming the field and the fix.
     `this_machine=False` (the planner, sizing a target cluster) skips the checks that ask this
     machine's devices (DeepSpeed's fp16 support)."""
-    _one_of("precision", cfg.precision, ("fp32", "bf16", "fp16"))
+    _one_of("precision", cfg.precision, ("auto", "fp32", "bf16", "fp16"))
     _one_of("device", cfg.device, ("auto", "cpu", "cuda"))
     _one_of("backend.name", cfg.backend.name, BACKENDS)
     _one_of("backend.sync", cfg.backend.sync, ("auto", "per_cycle", "per_micro"))
-    _one_of("backend.reduce_dtype", cfg.backend.reduce_dtype, ("fp32", "bf16"))
+    _one_of("backend.reduce_dtype", cfg.backend.reduce_dtype, ("fp32", "bf16", "fp16"))
+    if cfg.precision != "auto" and cfg.backend.reduce_dtype not in ("fp32", cfg.precision):
+        other = cfg.precision if cfg.precision != "fp32" else None
+        raise ValueError(
+            f"backend.reduce_dtype={cfg.backend.reduce_dtype} with precision={cfg.precision}: "
+            "gradients are reduced in fp32 or in the training's 16-bit dtype; use "
+            f"backend.reduce_dtype=fp32{f' or {other}' if other else ''}, or "
+            f"precision={cfg.backend.reduce_dtype}"
+        )
     _one_of("optim.name", cfg.optim.name, ("adamw", "sgd"))
     _one_of("optim.schedule", cfg.optim.schedule, ("cosine", "linear", "constant"))
     _one_of("optim.scale_rule", cfg.optim.scale_rule, ("none", "linear", "sqrt"))
@@ -313,7 +330,11 @@ def validate(cfg: Any, this_machine: bool = True) -> None:
     check_config(cfg)  # data.* and prepare.* (gradcycle/data/checks.py)
 
     m = cfg.model
-    if m.pretrained is None:
+    if m.config is not None:
+        from gradcycle.model import check_architecture
+
+        check_architecture(cfg)  # readable, a causal LM, every parameter drawable shard by shard
+    elif m.pretrained is None:
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
             _positive(f"model.{name}", getattr(m, name))
         if m.hidden_size % m.num_heads:
@@ -367,7 +388,10 @@ def validate(cfg: Any, this_machine: bool = True) -> None:
             "here; use precision=bf16"
         )
     _one_of("loss.impl", cfg.loss.impl, ("chunked", "full", "liger"))
-    _positive("loss.chunk_tokens", cfg.loss.chunk_tokens)
+    chunk = cfg.loss.chunk_tokens
+    if chunk != "auto" and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0):
+        raise ValueError(f"loss.chunk_tokens={chunk!r} must be a positive integer or 'auto' "
+                         "(liger-kernel's rule: planner/loss.py chunk_for)")  # fmt: skip
     if cfg.loss.impl == "liger":
         from gradcycle.loss import check_liger
 

@@ -27,7 +27,7 @@ import torch
 
 from gradcycle.checkpoint_index import check_files, read_meta, resolve
 from gradcycle.safe_load import SafeFileSystemReader, weights_only_loads
-from gradcycle.weights import zero_source
+from gradcycle.weights import names, zero_source
 from gradcycle.weights.safetensors_out import Entry, parse_size, write_sharded
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -128,30 +128,32 @@ def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32",
 
 def _entries(model, source: dict, state_dir: Path, hf_dir: Path, dtype) -> list[Entry]:
     """What the HF directory holds, in the model's order: every state-dict tensor once (a tied
-    weight under its first name, fetched from whichever name the checkpoint has), shapes checked
-    against config.json before any data is read."""
+    weight under its first name, fetched from whichever name the checkpoint has), under the key
+    save_pretrained writes for it (GPT-NeoX's head: embed_out.weight), shapes checked against
+    config.json before any data is read."""
     aliases: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(param), []).append(name)
     groups = list(aliases.values())
     params = {n for group in groups for n in group}
     groups += [[name] for name in model.state_dict() if name not in params]  # persistent buffers
+    saved = names.saved_keys(model, [group[0] for group in groups])  # save_pretrained's keys
     entries, missing = [], []
-    for names in groups:
-        found = next((n for n in names if n in source), None)
+    for group in groups:
+        found = next((n for n in group if n in source), None)
         if found is None:
-            missing.append(names[0])
+            missing.append(group[0])
             continue
         shape, src_dtype, fetch = source[found]
-        want = tuple(model.get_parameter(names[0]).shape if names[0] in params
-                     else model.get_buffer(names[0]).shape)  # fmt: skip
+        want = tuple(model.get_parameter(group[0]).shape if group[0] in params
+                     else model.get_buffer(group[0]).shape)  # fmt: skip
         if tuple(shape) != want:
             raise ValueError(
                 f"{state_dir}: {found} has shape {list(shape)}, the config expects {list(want)}"
             )
         written = dtype if src_dtype.is_floating_point else src_dtype
-        entries.append(Entry(names[0], want, written, fetch))
-    unexpected = sorted(set(source) - {n for names in groups for n in names})
+        entries.append(Entry(saved[group[0]], want, written, fetch))
+    unexpected = sorted(set(source) - {n for group in groups for n in group})
     if missing or unexpected:
         raise ValueError(
             f"{state_dir}: the weights do not match {hf_dir / 'config.json'}: missing "

@@ -17,6 +17,11 @@ Fault injection (tests only; unset in normal runs, and then every hook is a no-o
     hang:<step>:<micro>      SIGSTOP this process there (alive but unresponsive)
     kill_in_save:<step>      SIGKILL inside checkpoint step_<step>, after every shard is written
                              and before the rename that completes it
+    disk_full:<step>         while checkpoint step_<step>'s shards are written, every write past
+                             64 KiB of a file fails in the kernel (RLIMIT_FSIZE: EFBIG), as on a
+                             disk that fills up mid-write: in Python's and torch's C++ writers alike
+    no_space:<step>          the free-space check before checkpoint step_<step> sees 0 bytes free
+                             (step 0: the check at start-up)
     nan_loss:<step>          that step's loss becomes NaN (so do its gradients)
     inf_grad:<step>          that step's gradients become inf, its loss stays finite
     oom:<step>:<micro>       raise torch.OutOfMemoryError there (a device out of memory)
@@ -26,6 +31,7 @@ Fault injection (tests only; unset in normal runs, and then every hook is a no-o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -38,6 +44,8 @@ import torch
 ENV_VAR = "GRADCYCLE_FAULT"
 KINDS = ("kill", "sigterm", "sigusr1", "hang", "kill_in_save", "nan_loss", "inf_grad", "oom")
 KINDS += ("kill_in_prepare",)  # gradcycle.prepare
+KINDS += ("disk_full", "no_space")  # checkpoint writes (gradcycle/diskspace.py)
+FULL_AFTER = 64 * 1024  # disk_full: bytes a file may reach
 _AT_MICRO = {"kill": signal.SIGKILL, "sigterm": signal.SIGTERM, "sigusr1": signal.SIGUSR1,
              "hang": signal.SIGSTOP}  # fmt: skip
 
@@ -159,6 +167,15 @@ class Faults:
         if self.faults and self._hit("kill_in_save", step):
             _flush_and_kill(signal.SIGKILL)
 
+    def disk_full(self, step: int):
+        """Context for the write of checkpoint step_<step>: files stop growing past FULL_AFTER."""
+        if self.faults and self._hit("disk_full", step):
+            return _file_size_limit(FULL_AFTER)
+        return contextlib.nullcontext()
+
+    def free_space(self, step: int, free: int) -> int:
+        return 0 if self.faults and self._hit("no_space", step) else free
+
     def in_prepare(self, shard: int) -> None:
         if self.faults and self._hit("kill_in_prepare", shard):
             _flush_and_kill(signal.SIGKILL)
@@ -168,6 +185,23 @@ def _flush_and_kill(sig: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.kill(os.getpid(), sig)
+
+
+@contextlib.contextmanager
+def _file_size_limit(nbytes: int):
+    """RLIMIT_FSIZE for this process: a write past `nbytes` fails with EFBIG (SIGXFSZ ignored,
+    else it would kill the process). Needs no privilege; restored on exit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    limit = nbytes if hard == resource.RLIM_INFINITY else min(nbytes, hard)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
 
 
 class _InfGrad(torch.autograd.Function):

@@ -8,8 +8,15 @@ run over `loss.chunk_tokens` tokens at a time: each chunk's logits are computed,
 to the chunk's summed cross-entropy in fp32 and freed. When a gradient is wanted, the chunk's
 gradients (hidden states and head weight) are computed in the same pass from its softmax, before
 its logits are freed, so backward only scales them: no recomputed logits, the same matmuls as the
-full path, and peak loss memory ~ one chunk x vocabulary in fp32 plus the head's gradient
-(accumulated over chunks in the head's dtype, as liger-kernel does).
+full path, and peak loss memory ~ one chunk x vocabulary in fp32 plus the head's gradient.
+That gradient is accumulated over the chunks in fp32 whatever the parameters' dtype (a 16-bit
+accumulator rounds the running sum once per chunk, and more chunks made the gradient worse):
+on CUDA inside the 16-bit matmul (`addmm(out_dtype=float32)`), elsewhere from the chunk's fp32
+logit gradient; it is rounded to the parameters' dtype once, after backward's scaling.
+`loss.chunk_tokens=auto` (the default) takes liger-kernel's rule, a chunk's logits about as large
+as the micro-batch's hidden states (tokens x hidden / vocabulary tokens), but at least 1024
+tokens on CUDA (each chunk reads and writes the whole vocabulary x hidden gradient: fewer, larger
+chunks keep that small beside the matmuls) and 256 elsewhere: planner/loss.py `chunk_for`.
 
 `liger` calls liger-kernel's fused linear cross-entropy (CUDA; same contract).
 
@@ -32,17 +39,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradcycle.data import IGNORE_INDEX
+from gradcycle.data.masking import attention_inputs
+from gradcycle.planner.loss import chunk_for
 
 # Config fields of architectures that transform logits after the head (soft-capping, scaling):
 # the chunked path would compute another loss for them.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "logits_soft_cap")
 
 
-def summed_token_ce(model, batch: dict, impl: str = "chunked", chunk_tokens: int = 2048):
+def summed_token_ce(model, batch: dict, impl: str = "chunked", chunk_tokens: int | str = "auto"):
     """Sum of next-token cross-entropy over real targets (fp32 scalar). `model` may be the plain
     HF model or its backend wrapper (DDP, FSDP2 module, DeepSpeed engine). Every batch key but
-    `labels` (input_ids, position_ids, attention_mask, ...) goes to the model."""
+    `labels` (input_ids, position_ids, ...) goes to the model; `document_ids` (document masking)
+    become the mask the model's attention takes, here, just before this micro-batch's forward."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if "document_ids" in inputs or "attention_mask" in inputs:
+        attn = getattr(unwrap(model).config, "_attn_implementation", None)
+        inputs = attention_inputs(inputs, attn)
     labels = batch["labels"]
     if impl == "full":
         logits = model(**inputs).logits
@@ -116,7 +129,7 @@ def attach(model: nn.Module) -> nn.Module:
 
 
 def _model_forward(model, original, *args, loss_targets=None, loss_impl="chunked",
-                   loss_chunk_tokens=2048, **kwargs):  # fmt: skip
+                   loss_chunk_tokens="auto", **kwargs):  # fmt: skip
     if loss_targets is None:
         return original(*args, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -128,16 +141,18 @@ def _model_forward(model, original, *args, loss_targets=None, loss_impl="chunked
     return CausalLMOutputWithPast(loss=loss)
 
 
-def _head_forward(head, original, hidden, loss_targets=None, impl="chunked", chunk_tokens=2048):
+def _head_forward(head, original, hidden, loss_targets=None, impl="chunked", chunk_tokens="auto"):
     if loss_targets is None:
         return original(hidden)
     return linear_cross_entropy(hidden, head.weight, head.bias, loss_targets, chunk_tokens, impl)
 
 
-def linear_cross_entropy(hidden, weight, bias, targets, chunk_tokens: int, impl: str = "chunked"):
+def linear_cross_entropy(hidden, weight, bias, targets, chunk_tokens, impl: str = "chunked"):
     """sum_t CE(hidden_t @ weight.T + bias, targets_t) over targets != IGNORE_INDEX, in fp32."""
     h = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1)
+    if chunk_tokens == "auto":
+        chunk_tokens = chunk_for(h.shape[0], h.shape[1], weight.shape[0], h.device.type)
     if impl == "liger":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
@@ -174,10 +189,11 @@ def _chunks(h, weight, bias, t, chunk: int, dtype, wants):
     b = bias.to(dtype) if bias is not None else None
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     grad_h = torch.empty(h.shape, dtype=dtype, device=h.device) if want_h else None
-    # The head's gradient accumulates over chunks in the head's own dtype (as liger-kernel does):
-    # addmm rounds once per chunk; one chunk writes it directly.
+    # Over several chunks the head's gradient accumulates in fp32; one chunk writes it directly.
     several = n_tokens > chunk
-    grad_w = torch.zeros_like(weight) if want_w and several else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want_w and several \
+        else None  # fmt: skip
+    fused = several and dtype != torch.float32 and _fp32_accumulating_matmul(h.device)
     grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=h.device) if want_b else None
     for start in range(0, n_tokens, chunk):
         hc = h[start : start + chunk].to(dtype)
@@ -203,21 +219,26 @@ def _chunks(h, weight, bias, t, chunk: int, dtype, wants):
         p.div_(norm)
         p.masked_fill_(~valid.unsqueeze(1), 0.0)
         p.scatter_add_(1, tgt, -valid.unsqueeze(1).to(p.dtype))
-        g = p.to(dtype)
-        del p
+        g = p.to(dtype)  # p itself when the matmuls run in fp32
         if want_h:
             torch.mm(g, w, out=grad_h[start : start + chunk])
         if want_w:
             if grad_w is None:
                 grad_w = g.t() @ hc
-            elif grad_w.dtype == dtype:
-                grad_w.addmm_(g.t(), hc)
-            else:  # autocast: an fp32 head, 16-bit matmuls
-                grad_w += g.t() @ hc
+            elif fused:  # 16-bit operands, fp32 accumulation in the GEMM: no extra buffer
+                torch.addmm(grad_w, g.t(), hc, out_dtype=torch.float32, out=grad_w)
+            else:  # fp32 operands: the logit gradient as computed, the chunk's inputs upcast
+                grad_w.addmm_(p.t(), hc.float())
         if want_b:
             grad_b += g.sum(0, dtype=torch.float32)
-        del g
+        del g, p
     return total, grad_h, grad_w, grad_b
+
+
+@functools.cache
+def _fp32_accumulating_matmul(device: torch.device) -> bool:
+    """addmm with 16-bit operands into an fp32 output: CUDA sm80+ (torch >= 2.8; not on CPU)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

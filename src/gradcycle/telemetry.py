@@ -4,7 +4,8 @@ Collectives are counted by wrapping the leaf functions of `torch.distributed` on
 (before DeepSpeed or FSDP capture them). In torch 2.13 FSDP2 calls `all_gather_single` /
 `reduce_scatter_single`; the deprecated names forward to those, so only the leaves are wrapped and
 nothing is counted twice. Older torch (2.11, 2.12) has no *_single functions: there the older
-`all_gather_into_tensor` / `reduce_scatter_tensor` are the leaves (`leaf_functions`). DDP's C++ reducer is routed through a Python comm hook (backends/ddp.py).
+`all_gather_into_tensor` / `reduce_scatter_tensor` are the leaves (`leaf_functions`). DDP's C++
+reducer calls no Python: backends/ddp.py records its buckets after each synchronising backward.
 Counting is host-side bookkeeping only: no device synchronisation.
 """
 
@@ -116,10 +117,12 @@ class CommCounter:
         counted.__name__ = fn.__name__
         return counted
 
-    def record(self, op: str, nbytes: int) -> None:
+    def record(self, op: str, nbytes: int, calls: int = 1) -> None:
+        if getattr(self._suspended, "depth", 0):
+            return
         with self._lock:
             entry = self._counts[op]
-            entry[0] += 1
+            entry[0] += calls
             entry[1] += nbytes
 
     @contextlib.contextmanager

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from gradcycle import checkpoint, distributed, hardware
+from gradcycle import attention, checkpoint, distributed, hardware
 from gradcycle.backends import build_backend
 from gradcycle.batching import BatchPlan, lr_at, plan_from_config
 from gradcycle.config import validate
@@ -51,7 +51,7 @@ class NonFiniteHalt(RuntimeError):
 
 
 def token_loss(model, batch: dict, norm: torch.Tensor | float, impl: str = "chunked",
-               chunk_tokens: int = 2048) -> torch.Tensor:  # fmt: skip
+               chunk_tokens: int | str = "auto") -> torch.Tensor:  # fmt: skip
     """Sum of next-token cross-entropy over real targets, divided by the cycle's token count.
     The sum is fp32 whatever the precision; `impl`/`chunk_tokens` (loss.*) only change how much
     memory the logits take (gradcycle/loss.py)."""
@@ -74,7 +74,7 @@ class State:
     """What a resumed run needs besides the backend's model and optimizer state."""
 
     step: int = 0  # optimizer steps done == the next global batch to train on
-    tokens_seen: int = 0
+    tokens_seen: int = 0  # input tokens trained on, all ranks (padding excluded)
     skipped_steps: int = 0  # non-finite loss/gradient, train.on_nonfinite=skip
     overflow_steps: int = 0  # fp16 loss-scaler overflows (the scaler skipped the update)
 
@@ -93,9 +93,14 @@ def resolve_run_dir(cfg, env) -> Path:
 def run(cfg, on_backend=None) -> dict:
     """Train according to `cfg` (a composed config). Returns the last step's record.
     `on_backend(backend)` is called once the backend is built (gradcycle.sim's memory tracker)."""
+    requested, where = cfg.precision, distributed.device_type(cfg.device)
+    cfg = hardware.resolve_precision(cfg, where)  # auto: bf16 on CUDA that has it, else fp32
     validate(cfg)  # every user error before anything starts or is written
     env = distributed.read_env()
-    cfg = hardware.resolve(cfg, distributed.device_type(cfg.device))  # hardware=auto: detect
+    cfg = hardware.resolve(cfg, where)  # hardware=auto: detect
+    hardware.apply_precision(cfg, where)  # fp32 on CUDA: TF32 matmuls
+    if env.is_main:
+        print(hardware.precision_line(cfg, requested, where), flush=True)
     nodes = distributed.nodes_from_env() or cfg.nodes
     # train.micro_batch_size=auto / backend.sync=auto: the planner's choice, global batch kept
     cfg = plan_auto.resolve_auto(cfg, env.world_size, nodes)
@@ -125,8 +130,10 @@ def _run(cfg, env, nodes: int, on_backend=None) -> dict:
     ac = cfg.activation_checkpointing
     is_dist = env.world_size > 1
 
+    attn = attention.implementation(cfg.data.document_mask, device.type)  # gradcycle/attention.py
+
     def make_model(where: str, dtype: torch.dtype = torch.float32):
-        model = build_model(cfg.model, vocab, where, seed=cfg.seed, dtype=dtype)
+        model = build_model(cfg.model, vocab, where, seed=cfg.seed, dtype=dtype, attention=attn)
         apply_activation_checkpointing(model, ac.mode, ac.every)
         if cfg.loss.impl != "full":
             attach_loss(model)  # the chunked loss runs inside the model's own forward
@@ -146,6 +153,7 @@ def _run(cfg, env, nodes: int, on_backend=None) -> dict:
     )
     # Before anything is written: a bad checkpoint or resume mismatch leaves the run dir as it was.
     resumed_from = ckpt.resume(state)
+    ckpt.check_room_at_start(state)  # a run that cannot save must not train for hours first
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         print(plan.table(), flush=True)
@@ -181,9 +189,10 @@ def _run(cfg, env, nodes: int, on_backend=None) -> dict:
             step = state.step
             # -- the cycle: K micro-batches, one token count, one boundary ---------------------
             cycle = loader.cycle(step)  # this rank's K micro-batches of global batch `step`
-            count = _to_device(cycle.targets, device)  # counted on the host: no device sync
+            # targets (the loss's N) and input tokens (throughput, MFU), counted on the host
+            counts = [_to_device(n, device) for n in (cycle.targets, cycle.tokens)]
             with comm.suspended():  # the trainer's own collectives are not the backend's
-                n_tokens = distributed.all_reduce_tensor([count], device)
+                n_tokens = distributed.all_reduce_tensor(counts, device)
             loss_fn = functools.partial(token_loss, norm=n_tokens[0].clamp(min=1), **loss_args)
             loss_fn = faults.wrap_loss(step, loss_fn)  # tests only: an injected NaN/inf
             losses = []
@@ -202,7 +211,7 @@ def _run(cfg, env, nodes: int, on_backend=None) -> dict:
                 result = backend.step(lr, torch.cat([stats, n_tokens]))  # the step's one host sync
             comm_counts = comm.take()
             # -- bookkeeping ---------------------------------------------------------------------
-            loss, stop_votes, requeue_votes, n_tokens = result.stats
+            loss, stop_votes, requeue_votes, n_targets, n_inputs = result.stats
             # fp16: a skipped update with a finite loss is a loss-scale overflow, the scaler's job.
             overflow = result.skipped and cfg.precision == "fp16" and math.isfinite(loss)
             if overflow:
@@ -216,10 +225,10 @@ def _run(cfg, env, nodes: int, on_backend=None) -> dict:
                     )
                 state.skipped_steps += 1
             state.step += 1
-            state.tokens_seen += int(n_tokens)
+            state.tokens_seen += int(n_inputs)
             dt = time.perf_counter() - t0
-            record = _record(state, plan, cfg, env, loss, result, n_tokens, dt, lr, fpt, device,
-                             comm_counts, cycle.wait_s)  # fmt: skip
+            record = _record(state, plan, cfg, env, loss, result, (n_inputs, n_targets), dt, lr,
+                             fpt, device, comm_counts, cycle.wait_s)  # fmt: skip
             split = profiler.stop()
             if split is not None:
                 record["profile"] = split
@@ -255,9 +264,12 @@ def _run(cfg, env, nodes: int, on_backend=None) -> dict:
     return record
 
 
-def _record(state, plan: BatchPlan, cfg, env, loss, result, n_tokens, dt, lr, fpt, device, comm,
+def _record(state, plan: BatchPlan, cfg, env, loss, result, tokens, dt, lr, fpt, device, comm,
             data_wait_s):  # fmt: skip
-    tokens_per_s = n_tokens / dt if dt > 0 else 0.0
+    # Throughput and MFU count input tokens (what the model computed on, padding excluded), the
+    # loss its targets: with masked prompts or padded rows the two differ by 2x and more.
+    n_inputs, n_targets = tokens
+    tokens_per_s = n_inputs / dt if dt > 0 else 0.0
     # FLOP/s of all ranks together; an unknown device has no peak, hence no MFU (never a guess)
     peak = (cfg.hardware.bf16_tflops or 0.0) * 1e12 * env.world_size
     return {
@@ -265,7 +277,8 @@ def _record(state, plan: BatchPlan, cfg, env, loss, result, n_tokens, dt, lr, fp
         "loss": loss,
         "grad_norm": result.grad_norm,
         "lr": lr,
-        "tokens": int(n_tokens),
+        "tokens": int(n_inputs),  # all ranks, padding excluded
+        "target_tokens": int(n_targets),  # tokens with a loss: the normalisation N
         "samples": plan.global_batch_size,
         "accumulation_steps": plan.accumulation_steps,
         "micro_batch_size": plan.micro_batch_size,

@@ -22,8 +22,10 @@ def build_backend(cfg, make_model: Callable[[str], torch.nn.Module], device: tor
     applied) on "cpu" or "meta", parameters stored in `dtype`; the backend decides where and how
     (meta + shard + fill the shards, zero.Init + fill the partitions, or a full copy).
     `run_dir` is where a backend may write its own generated files (e.g. ds_config.json)."""
+    from gradcycle.hardware import resolve_precision
     from gradcycle.timeouts import long_phase
 
+    cfg = resolve_precision(cfg, device.type)  # no-op after the trainer: for direct callers
     with long_phase(cfg.backend):  # building, filling or loading a big model: startup_timeout_s
         return _build(cfg, make_model, device, world, run_dir)
 

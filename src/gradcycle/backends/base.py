@@ -79,6 +79,29 @@ class Backend:
         """Restore what save_state wrote (possibly from another world size where supported)."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def _init_optimizer_state(self) -> None:
+        """Create the optimizer's state (moments, step) so that a load has tensors to fill.
+        torch's get_state_dict does this only when no parameter has a gradient; DDP's gradients
+        exist from the start (views into its buckets), so there it would skip it and a resume
+        would silently restart Adam's moments from zero. A zero-gradient step at lr 0 (before any
+        backward) changes no parameter."""
+        if self.optimizer.state:
+            return
+        for p in self.model.parameters():
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                else:
+                    p.grad.zero_()
+        lrs = [group["lr"] for group in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["lr"] = 0.0
+        self.optimizer.step()
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=self.grads_to_none)
+
     def full_state_dict(self) -> dict | None:
         """The plain model's full CPU state dict (HF keys) on rank 0; None on other ranks."""
         raise NotImplementedError
@@ -113,12 +136,26 @@ def build_optimizer(params, optim_cfg, lr: float) -> torch.optim.Optimizer:
     )
 
 
+def _step_unless(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """optimizer.step(), skipped on the device where `found_inf` is true: a fused optimizer
+    (`_step_supports_amp_scaling`) reads `optimizer.found_inf` and `grad_scale` as GradScaler.step
+    passes them, and its kernel then leaves parameters, moments and step counts as they were."""
+    optimizer.grad_scale, optimizer.found_inf = None, found_inf.to(torch.float32).reshape(())
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale, optimizer.found_inf
+
+
 class TorchBackend(Backend):
     """Shared by ddp and fsdp/hsdp: autocast, fp16 GradScaler, clip, optimizer, skip on non-finite.
 
     Subclasses provide `_sync_context(last)` / `_before_backward(last)`, the gradient-averaging
-    factor and `_clip()`; nothing else differs between them.
+    factor and `_clip()`; nothing else differs between them. `grads_to_none`: whether zero_grad
+    frees the gradients (DDP keeps them: they are views into its reduction buckets).
     """
+
+    grads_to_none = True
 
     def __init__(self, cfg, model: nn.Module, module: nn.Module, device: torch.device, world: int):
         self.cfg, self.model, self.module, self.device = cfg, model, module, device
@@ -157,29 +194,40 @@ class TorchBackend(Backend):
         return loss.detach()
 
     def _clip(self, max_norm: float) -> torch.Tensor:
+        """The total gradient norm (all ranks, on the device); clipped only when max_norm > 0:
+        clip_grad_norm_ with an infinite bound would still multiply every gradient by 1.0."""
         params = [p for p in self.model.parameters() if p.grad is not None]
-        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     def step(self, lr: float, stats: torch.Tensor) -> StepResult:
+        """Enqueue the update before the step's one host sync, so the device never waits for the
+        host: a non-finite norm skips it on the device (`found_inf`, read by the fused kernels).
+        Only an optimizer without that input (SGD) fetches first and steps if finite."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.scaler.unscale_(self.optimizer)
-        norm = self._clip(self.cfg.train.grad_clip)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        fetched = torch.cat([norm.detach().reshape(1).double(), stats.double()]).tolist()
-        norm, stats_values = fetched[0], fetched[1:]
-        finite = math.isfinite(norm)
+        norm = self._clip(self.cfg.train.grad_clip).detach().reshape(1).double()
+        flags = []  # device scalars fetched with the norm and the trainer's statistics
+        on_device = getattr(self.optimizer, "_step_supports_amp_scaling", False)
         if self.scaler.is_enabled():
-            scale = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)  # skips the update itself on inf/nan
+            # The scaler skips an overflowing update itself (fused: via found_inf, no sync) and
+            # halves its scale: a smaller scale after update() is a skipped step.
+            before = self.scaler._get_scale_async().clone()
+            self.scaler.step(self.optimizer)
             self.scaler.update()
-            skipped = self.scaler.get_scale() < scale
-        else:
-            skipped = not finite
-            if finite:
-                self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(grad_norm=norm, skipped=skipped, stats=stats_values)
+            flags = [(self.scaler._get_scale_async() < before).reshape(1).double()]
+        elif on_device:
+            _step_unless(self.optimizer, ~torch.isfinite(norm[0]))
+        fetched = torch.cat([norm, *flags, stats.double()]).tolist()  # the one host sync
+        norm_value, stats_values = fetched[0], fetched[1 + len(flags) :]
+        skipped = bool(fetched[1]) if flags else not math.isfinite(norm_value)
+        if not (self.scaler.is_enabled() or on_device or skipped):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=self.grads_to_none)
+        return StepResult(grad_norm=norm_value, skipped=skipped, stats=stats_values)
 
     @torch.no_grad()
     def eval_loss(self, batch: dict, loss_fn) -> torch.Tensor:
@@ -215,6 +263,7 @@ class TorchBackend(Backend):
 
         from gradcycle.safe_load import dcp_load
 
+        self._init_optimizer_state()
         state = self._dcp_state()
         dcp_load(state, path, no_dist=not dist.is_initialized())
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
@@ -223,6 +272,29 @@ class TorchBackend(Backend):
         saved = json.loads(scaler.read_text()) if scaler.is_file() else {}
         if self.scaler.is_enabled() and saved:  # an fp32/bf16 checkpoint has no scale to restore
             self.scaler.load_state_dict(saved)
+
+    @torch.no_grad()
+    def _init_optimizer_state(self) -> None:
+        """Create the optimizer's state (moments, step) so that a load has tensors to fill.
+        torch's get_state_dict does this only when no parameter has a gradient; DDP's gradients
+        exist from the start (views into its buckets), so there it would skip it and a resume
+        would silently restart Adam's moments from zero. A zero-gradient step at lr 0 (before any
+        backward) changes no parameter."""
+        if self.optimizer.state:
+            return
+        for p in self.model.parameters():
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                else:
+                    p.grad.zero_()
+        lrs = [group["lr"] for group in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["lr"] = 0.0
+        self.optimizer.step()
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=self.grads_to_none)
 
     def full_state_dict(self) -> dict | None:
         import torch.distributed as dist

@@ -59,6 +59,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def _holding(errors: list, obj, name: str):
+    """Within the block, `obj.name(...)` records an exception in `errors` instead of raising."""
+    original = getattr(obj, name, None)
+    if original is None:  # another DeepSpeed version: nothing to wrap
+        yield
+        return
+
+    def call(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        except Exception as e:
+            errors.append(e)
+
+    own = name in vars(obj)  # an instance attribute (else the class's method)
+    setattr(obj, name, call)
+    try:
+        yield
+    finally:
+        if own:
+            setattr(obj, name, original)
+        else:
+            delattr(obj, name)
+
+
 def ensure_process_group(deepspeed, device: torch.device, timeout_s: int) -> None:
     """The trainer owns the group on >1 rank; DeepSpeed needs one even on a single process."""
     if dist.is_initialized():
@@ -103,8 +128,9 @@ class DeepSpeedBackend(Backend):
 
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
         try:
-            module = make_model("cpu", dtype=dtype)
-            module = module if self.stage == 3 else module.to(device)
+            # zero1/2: allocated and drawn on the device (the engine's own .to() is then a no-op);
+            # zero3: zero.Init places the partitions.
+            module = make_model("cpu" if self.stage == 3 else device, dtype=dtype)
             self.module = module
             self.optimizer = build_optimizer(module.parameters(), cfg.optim, cfg.optim.lr)
             self.engine, *_ = deepspeed.initialize(
@@ -175,7 +201,9 @@ class DeepSpeedBackend(Backend):
         if self.sync == "per_micro":
             when = "after every micro-batch's backward"
         op = "reduce-scatter" if self.stage == 3 else "all-reduce"
-        rows = [(f"gradient {op} (per bucket)", f"{n}x per cycle, {when}")]
+        comm = self.ds_config["communication_data_type"]
+        rows = [(f"gradient {op} (per bucket)", f"{n}x per cycle, {when}, in {comm} "
+                 "(backend.reduce_dtype: communication_data_type)")]  # fmt: skip
         if self.stage < 3:
             rows.append(("updated-parameter all-gather", "1x per cycle, after the step"))
         else:
@@ -212,8 +240,18 @@ class DeepSpeedBackend(Backend):
     # The caller keeps these collectives out of the step records (checkpoint.py suspends counting).
     def save_state(self, path) -> None:
         """path/zero/: model states (rank 0) + one optimizer shard per rank, DeepSpeed's layout;
-        path/zero_to_fp32.py consolidates it offline."""
-        self.engine.save_checkpoint(str(path), tag=CKPT_TAG, save_latest=False)
+        path/zero_to_fp32.py consolidates it offline.
+
+        A write that fails on this rank (a full disk) must not make it leave save_checkpoint
+        early: the other ranks would wait in its closing barrier. Its file writes run with the
+        error held, and the first one is raised once save_checkpoint returns on every rank."""
+        held: list[Exception] = []
+        engine = self.engine.checkpoint_engine
+        with _holding(held, engine, "save"), _holding(held, engine, "makedirs"), \
+                _holding(held, self.engine, "_copy_recovery_script"):  # fmt: skip
+            self.engine.save_checkpoint(str(path), tag=CKPT_TAG, save_latest=False)
+        if held:
+            raise held[0]
 
     def load_state(self, path) -> None:
         """Same world size only: DeepSpeed's ZeRO shards are per data-parallel rank."""

@@ -143,12 +143,19 @@ def check_user_config(cfg) -> None:
         )
     for section, prec in (("bf16", "bf16"), ("fp16", "fp16")):
         on = _enabled(extra.get(section))
-        if on is not None and on != (cfg.precision == prec):
+        if on is not None and cfg.precision != "auto" and on != (cfg.precision == prec):
             raise ValueError(
                 f"backend.deepspeed_config.{section}.enabled={on} contradicts "
                 f"precision={cfg.precision}: choose it with precision=fp32|bf16|fp16 and drop "
                 f"{section}.enabled"
             )
+    comm = extra.get("communication_data_type")
+    if comm is not None and str(comm).lower() != b.reduce_dtype:
+        raise ValueError(
+            f"backend.deepspeed_config.communication_data_type={comm} contradicts "
+            f"backend.reduce_dtype={b.reduce_dtype}: the gradient reduction dtype is one setting "
+            f"for every backend; set backend.reduce_dtype={str(comm).lower()} and drop the key"
+        )
     accum = (extra.get("data_types") or {}).get("grad_accum_dtype")
     if accum is not None and stage > 1 and str(accum) != cfg.precision:
         raise ValueError(
@@ -180,6 +187,7 @@ def build_ds_config(cfg, plan, on_gpu: bool) -> dict:
     """The full DeepSpeed config for this run (user extras merged over the generated keys)."""
     b = cfg.backend
     stage = zero_stage(b)
+    assert cfg.precision != "auto", "resolve precision=auto first (hardware.resolve_precision)"
     # overlap_comm: reduce gradient buckets on a side stream while backward goes on. DeepSpeed
     # turns it on by default for stage 3 only; stages 1/2 would reduce serially with backward.
     zero: dict[str, Any] = {"stage": stage, "overlap_comm": True}
@@ -199,6 +207,10 @@ def build_ds_config(cfg, plan, on_gpu: bool) -> dict:
         "zero_allow_untested_optimizer": True,
         # ZeRO-Offload with a torch optimizer: DeepSpeed would insist on CPUAdam (a JIT build).
         "zero_force_ds_cpu_optimizer": False,
+        # backend.reduce_dtype: without it DeepSpeed reduces in the model dtype (bf16/fp16: its
+        # engine's communication_data_type property), where fsdp reduces in fp32. ZeRO-1/2 cast
+        # each bucket to it for the all-reduce; ZeRO-3 allocates its gradient bucket in it.
+        "communication_data_type": b.reduce_dtype,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }

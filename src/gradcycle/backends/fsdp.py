@@ -216,17 +216,20 @@ class FSDPBackend(TorchBackend):
         # Unsharded gradients accumulate in the reduction dtype (FSDP2 upcasts them to it).
         p_bytes, g_bytes = p_dtype.itemsize, (self.mp.reduce_dtype or p_dtype).itemsize
         rows = []
+        in_dtype = f", in {'fp32' if g_bytes == 4 else 'bf16'} (backend.reduce_dtype)"
         if shard > 1:
             if self.sync == "per_cycle":
                 rows.append(("parameter all-gather", f"{u}x per cycle (once per unit)"))
-                rows.append(("gradient reduce-scatter", f"{u}x per cycle (once per unit)"))
+                rows.append(
+                    ("gradient reduce-scatter", f"{u}x per cycle (once per unit){in_dtype}")
+                )
             else:
                 rows.append(("parameter all-gather",
                              f"{k * (2 * u - 1)}x per cycle (K x (2U-1), U={u} units)"))  # fmt: skip
-                rows.append(("gradient reduce-scatter", f"{k * u}x per cycle (K x U)"))
+                rows.append(("gradient reduce-scatter", f"{k * u}x per cycle (K x U){in_dtype}"))
         if self.name == "hsdp":
             alone = " (a group of one: no traffic)" if self.shape[0] == 1 else ""
-            rows.append(("cross-replica gradient all-reduce", f"{u}x per cycle{alone}"))
+            rows.append(("cross-replica gradient all-reduce", f"{u}x per cycle{alone}{in_dtype}"))
         if not rows:
             rows.append(("(world of one: no collectives)", "0"))
         extra = "none (at most a unit or two unsharded at a time)"

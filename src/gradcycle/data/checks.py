@@ -27,13 +27,21 @@ def check_config(cfg) -> None:
     _one_of("data.name", data.name, NAMES)
     if data.seq_len < 2:
         raise ValueError(f"data.seq_len={data.seq_len} must be >= 2 (a token and its target)")
-    if cfg.model.pretrained is None and data.seq_len > cfg.model.max_position_embeddings:
+    llama = cfg.model.pretrained is None and cfg.model.config is None  # else: check_architecture
+    if llama and data.seq_len > cfg.model.max_position_embeddings:
         raise ValueError(
             f"data.seq_len={data.seq_len} exceeds model.max_position_embeddings="
             f"{cfg.model.max_position_embeddings}: lower data.seq_len or raise the model's limit"
         )
-    if not 0 < data.val_fraction < 1:
-        raise ValueError(f"data.val_fraction={data.val_fraction} must be within (0, 1)")
+    if not 0 <= data.val_fraction < 1:
+        raise ValueError(f"data.val_fraction={data.val_fraction} must be within [0, 1) (0: no "
+                         "validation split)")  # fmt: skip
+    if data.val_fraction == 0 and cfg.train.eval_every and data.name != "tokens":
+        raise ValueError(
+            f"data.val_fraction=0 holds out no validation documents, so train.eval_every="
+            f"{cfg.train.eval_every} has nothing to evaluate: set train.eval_every=0 (no "
+            "evaluation), or data.val_fraction>0 (e.g. 0.02)"
+        )
     _positive("data.max_documents", data.max_documents)
     if data.tokenizer is None and data.vocab_size < 260:
         raise ValueError(f"data.vocab_size={data.vocab_size} must be >= 260 (256 bytes + specials)")

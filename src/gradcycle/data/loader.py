@@ -10,6 +10,13 @@ and the resumable data position is the step number alone.
 Micro-batch i of a rank (step i // K, micro i % K) is a pure function of i, so the order cannot
 depend on data.num_workers: the DataLoader only computes them ahead. They travel as int32 (pinned
 on CUDA) and are widened to int64 on the device after a non-blocking copy.
+
+Streaming: the workers' stream is, per step, the cycle's target count and then its K
+micro-batches. The count comes from the samples' layout (length, document starts, loss mask:
+no tokens read, no batch built), so the loop knows N before the first forward, and takes each
+micro-batch only when the previous one has been handed to the device: the workers keep
+computing ahead during the whole step, whatever K, with at most num_workers x prefetch_factor
+items in flight (host memory bounded; one micro-batch at a time on the device).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch
 from filelock import FileLock
 
 from gradcycle.data import IGNORE_INDEX
-from gradcycle.data.masking import attention_inputs, row_inputs, varlen_lengths
+from gradcycle.data.masking import document_ids, row_inputs
 
 
 class GlobalOrder:
@@ -70,17 +77,16 @@ class HostBatch:
               the worker, one copy to the device); numpy until pinned, so the worker pickles it
               through the pipe instead of a shared-memory handshake per tensor
     targets   its target count: labels after the first position that are not -100
-    seq_lens  under document masking, the document lengths of the rows flattened (varlen)
+    tokens    its input tokens (padding excluded): what the model computes on, for tokens/s and MFU
     """
 
-    __slots__ = ("rows", "targets", "seq_lens")
+    __slots__ = ("rows", "targets", "tokens")
 
-    def __init__(self, rows, targets: int, seq_lens=None):
-        self.rows, self.targets, self.seq_lens = rows, targets, seq_lens
+    def __init__(self, rows, targets: int, tokens: int = 0):
+        self.rows, self.targets, self.tokens = rows, targets, tokens
 
     def pin_memory(self) -> HostBatch:  # called by DataLoader's pin-memory thread (CUDA)
-        pin = lambda a: None if a is None else torch.as_tensor(a).pin_memory()  # noqa: E731
-        return HostBatch(pin(self.rows), self.targets, pin(self.seq_lens))
+        return HostBatch(torch.as_tensor(self.rows).pin_memory(), self.targets, self.tokens)
 
 
 def collate(samples: list, pad_id: int, document_mask: bool = False) -> HostBatch:
@@ -101,8 +107,23 @@ def collate(samples: list, pad_id: int, document_mask: bool = False) -> HostBatc
             labels[mask[0] == 0] = IGNORE_INDEX
         rows[1, row, :n] = labels
     targets = int((rows[1, :, 1:] != IGNORE_INDEX).sum())
-    seq_lens = varlen_lengths(rows[2]).astype(np.int32) if document_mask else None
-    return HostBatch(rows, targets, seq_lens)
+    return HostBatch(rows, targets, tokens=sum(len(sample[0]) for sample in samples))
+
+
+def sample_targets(length: int, starts, mask, document_mask: bool) -> int:
+    """The targets collate() gives one sample, from its layout alone: positions 1..length-1,
+    less document starts under document masking, less mask-0 (prompt) positions."""
+    if length < 2:
+        return 0
+    if mask is None and not (document_mask and starts is not None and len(starts)):
+        return length - 1
+    keep = np.ones(length, bool)
+    keep[0] = False
+    if document_mask and starts is not None:
+        keep[np.asarray(starts, np.int64)] = False
+    if mask is not None:
+        keep &= np.asarray(mask[:length]) != 0
+    return int(keep.sum())
 
 
 def _worker_context():
@@ -143,37 +164,91 @@ class MicroBatches(torch.utils.data.Dataset):
         """This rank's K micro-batches of global batch `step`, in this process (host tensors)."""
         return [self[step * self.k + k] for k in range(self.k)]
 
+    def counts(self, step: int) -> tuple[int, int]:
+        """(target tokens, input tokens) of this rank's K micro-batches of `step`, from the
+        samples' layouts alone."""
+        targets = tokens = 0
+        for k in range(self.k):
+            for j in self.indices(step, k):
+                length, starts, mask = self.samples.layout(j)
+                targets += sample_targets(length, starts, mask, self.document_mask)
+                tokens += length
+        return targets, tokens
+
+
+class _Stream(torch.utils.data.Dataset):
+    """What the workers compute, in order: item i of step i // (K+1) is its (target, input)
+    token counts (i % (K+1) == 0), then its K micro-batches."""
+
+    def __init__(self, batches: MicroBatches):
+        self.batches, self.width = batches, batches.k + 1
+
+    def __getitem__(self, i: int):
+        step, j = divmod(int(i), self.width)
+        if j == 0:
+            return self.batches.counts(step)
+        return self.batches[step * self.batches.k + j - 1]
+
+
+class Micro:
+    """One cycle's K micro-batches on the device, fetched one at a time as the loop asks for them
+    (iterate once, in full, before the next cycle)."""
+
+    def __init__(self, loader: CycleLoader, k: int, targets: int, wait_s: float):
+        self.loader, self.k, self.targets, self.wait_s = loader, k, targets, wait_s
+        self.taken = 0
+
+    def __len__(self) -> int:
+        return self.k
+
+    def __iter__(self):
+        assert self.taken == 0, "a cycle's micro-batches are read once"
+        counted = 0
+        for _ in range(self.k):
+            t0 = time.perf_counter()
+            host = next(self.loader._it)
+            batch = self.loader.to_device(host)
+            self.wait_s += time.perf_counter() - t0
+            self.taken += 1
+            counted += host.targets
+            yield batch
+        assert counted == self.targets, ("layout count and batches disagree", self.targets, counted)
+
 
 @dataclass
 class Cycle:
-    micro: list[dict]  # K micro-batches on the device, ready for backend.forward_backward
-    targets: int  # target tokens of the K micro-batches (this rank), counted on the host
-    wait_s: float  # how long the loop waited for them
+    micro: Micro  # K micro-batches, each moved to the device as the loop reaches it
+    targets: int  # target tokens of the K micro-batches (this rank), known before the first
+    tokens: int  # input tokens of the K micro-batches (this rank, padding excluded), likewise
+
+    @property
+    def wait_s(self) -> float:  # how long the loop waited for the count and the micro-batches
+        return self.micro.wait_s
 
 
-def to_device(host: HostBatch, device: torch.device, attn_implementation: str | None = "sdpa",
-              document_mask: bool = False) -> dict:  # fmt: skip
+def to_device(host: HostBatch, device: torch.device, document_mask: bool = False) -> dict:
     """Host micro-batch -> the model's batch: a non-blocking copy, widened to int64 on the device."""
     rows = torch.as_tensor(host.rows).to(device, non_blocking=True).long()
     batch = dict(zip(ROWS, rows.unbind(0)))
-    if not document_mask:
-        return batch
-    batch["seq_lens"] = torch.as_tensor(host.seq_lens).to(device, non_blocking=True)
-    return attention_inputs(batch, attn_implementation)
+    if document_mask:  # the mask itself is built just before the forward (data/masking.py)
+        batch["document_ids"] = document_ids(batch["position_ids"])
+    return batch
 
 
 class CycleLoader:
     """The training loop's data: `cycle(step)` -> this rank's K micro-batches of global batch
     `step`, steps consumed in order from `start`. Workers compute ahead (data.num_workers,
-    data.prefetch_factor micro-batches each); 0 workers computes them in the loop's process."""
+    data.prefetch_factor items each: a cycle's count or one micro-batch); 0 workers computes
+    them in the loop's process."""
 
     def __init__(self, batches: MicroBatches, device: torch.device, start: int, stop: int,
-                 data_cfg, attn_implementation: str | None = "sdpa"):  # fmt: skip
+                 data_cfg):  # fmt: skip
         self.batches, self.device, self.next_step = batches, device, start
-        self.attn, self.document_mask = attn_implementation, data_cfg.document_mask
-        workers = data_cfg.num_workers
+        self.document_mask = data_cfg.document_mask
+        self._open: Micro | None = None
+        workers, width = data_cfg.num_workers, batches.k + 1
         self.loader = torch.utils.data.DataLoader(
-            batches, batch_size=None, sampler=range(start * batches.k, stop * batches.k),
+            _Stream(batches), batch_size=None, sampler=range(start * width, stop * width),
             num_workers=workers, pin_memory=device.type == "cuda",
             prefetch_factor=data_cfg.prefetch_factor if workers else None,
             persistent_workers=workers > 0, collate_fn=_as_is,
@@ -182,15 +257,17 @@ class CycleLoader:
         self._it = iter(self.loader)
 
     def to_device(self, host: HostBatch) -> dict:
-        return to_device(host, self.device, self.attn, self.document_mask)
+        return to_device(host, self.device, self.document_mask)
 
     def cycle(self, step: int) -> Cycle:
+        """The count now (computed ahead by a worker); the micro-batches as they are iterated."""
         assert step == self.next_step, f"the loader is at step {self.next_step}, asked for {step}"
+        assert self._open is None or self._open.taken == self._open.k, "previous cycle unread"
         t0 = time.perf_counter()
-        host = [next(self._it) for _ in range(self.batches.k)]
-        micro = [self.to_device(h) for h in host]
+        targets, tokens = next(self._it)
+        self._open = Micro(self, self.batches.k, targets, time.perf_counter() - t0)
         self.next_step += 1
-        return Cycle(micro, sum(h.targets for h in host), time.perf_counter() - t0)
+        return Cycle(self._open, targets, tokens)
 
     def close(self) -> None:
         self._it = None  # the iterator's finaliser stops the workers
@@ -221,5 +298,4 @@ def train_loader(cfg, data, plan, env, device: torch.device, start: int, model) 
     order = GlobalOrder(len(samples), cfg.seed, cache_root(cfg.data) / "order")
     batches = MicroBatches(samples, order, plan.global_batch_size, env.rank, env.world_size,
                            plan.micro_batch_size, data.pad_id, cfg.data.document_mask)  # fmt: skip
-    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    return CycleLoader(batches, device, start, cfg.train.max_steps, cfg.data, attn)
+    return CycleLoader(batches, device, start, cfg.train.max_steps, cfg.data)

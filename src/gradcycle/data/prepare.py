@@ -349,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
 def _prepare_cli(cfg) -> tuple[dict, Path]:
     from gradcycle.config import validate
 
+    cfg.train.eval_every = 0  # nothing is trained here: data.val_fraction=0 needs no eval check
     validate(cfg)
     if not cfg.prepare.out:
         raise ValueError("prepare.out=<dir> is required: the directory the shards go to")

@@ -13,6 +13,8 @@ nothing holds the corpus, and what a process touches is the page cache's, shared
 Fine-tuning data (a `mask` array in the manifest) adds the loss mask to every sample, and packs
 whole examples: row r = examples [first_r, first_{r+1}) laid end to end, as many as fit in T in
 source order (an example longer than T alone, truncated), so no example is cut across rows.
+Every kind also gives `layout(j)`: a sample's length, document starts and loss mask without its
+tokens, from which the loader counts a cycle's targets before it builds the micro-batches.
 """
 
 from __future__ import annotations
@@ -108,6 +110,11 @@ class PackedSamples:
         stop = start + self.seq_len
         return self.split.tokens(start, stop), self.split.doc_starts(start, stop)
 
+    def layout(self, j: int) -> tuple:
+        """(length, document starts, loss mask) of sample j without reading its tokens."""
+        start = int(j) * self.seq_len
+        return self.seq_len, self.split.doc_starts(start, start + self.seq_len), None
+
 
 class DocumentSamples:
     """Sample i: document i, truncated to T tokens (the loader pads the micro-batch); masked
@@ -119,12 +126,20 @@ class DocumentSamples:
     def __len__(self) -> int:
         return self.split.n_docs
 
-    def __getitem__(self, i: int) -> tuple:
+    def _span(self, i: int) -> tuple[int, int]:
         start, stop = self.split.span(int(i))
-        stop = min(stop, start + self.seq_len)
+        return start, min(stop, start + self.seq_len)
+
+    def __getitem__(self, i: int) -> tuple:
+        start, stop = self._span(i)
         if not self.split.masked:
             return self.split.tokens(start, stop), None
         return self.split.tokens(start, stop), None, self.split.tokens(start, stop, array=2)
+
+    def layout(self, i: int) -> tuple:
+        start, stop = self._span(i)
+        mask = self.split.tokens(start, stop, array=2) if self.split.masked else None
+        return stop - start, None, mask
 
 
 def pack_whole(lengths: np.ndarray, seq_len: int) -> np.ndarray:
@@ -150,12 +165,19 @@ class ExampleRows:
     def __len__(self) -> int:
         return len(self.firsts) - 1
 
-    def __getitem__(self, r: int) -> tuple:
+    def _span(self, r: int) -> tuple[int, int]:
         a, b = int(self.firsts[r]), int(self.firsts[r + 1])
         start, stop = self.split.span(a)[0], self.split.span(b - 1)[1]
-        stop = min(stop, start + self.seq_len)
+        return start, min(stop, start + self.seq_len)
+
+    def __getitem__(self, r: int) -> tuple:
+        start, stop = self._span(r)
         tokens, mask = self.split.tokens(start, stop), self.split.tokens(start, stop, array=2)
         return tokens, self.split.doc_starts(start, stop), mask
+
+    def layout(self, r: int) -> tuple:
+        start, stop = self._span(r)
+        return stop - start, self.split.doc_starts(start, stop), self.split.tokens(start, stop, 2)
 
 
 @dataclass

@@ -13,9 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from gradcycle.planner.memory import Setup
-
-DDP_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
+from gradcycle.planner.memory import DDP_BUCKET_BYTES, Setup
 
 
 @dataclass(frozen=True)
@@ -46,9 +44,12 @@ def collectives(setup: Setup, gpus_per_node: int) -> list[Collective]:
     syncs = k if setup.sync == "per_micro" else 1
     when = "micro" if setup.sync == "per_micro" else "cycle"
     b = setup.backend
+    # backend.reduce_dtype: the bytes of every gradient reduction below
+    dtype = "fp32" if n.reduce == 4 else setup.precision
+    grads = f"gradients ({dtype})"
     if b == "ddp":
         buckets = math.ceil(psi * n.grad / DDP_BUCKET_BYTES) + 1
-        return [Collective("all_reduce", "gradients", syncs * buckets, syncs * psi * n.grad, w,
+        return [Collective("all_reduce", grads, syncs * buckets, syncs * psi * n.reduce, w,
                            multi, when)]  # fmt: skip
     if b.startswith("zero"):
         stage = int(b[-1])
@@ -62,10 +63,10 @@ def collectives(setup: Setup, gpus_per_node: int) -> list[Collective]:
             gathered = (psi - persistent) * n.param
             out.append(Collective("all_gather", "parameters (forward + backward)",
                                   2 * k * (s.layers * 7 + 2), 2 * k * gathered, w, multi, "micro"))  # fmt: skip
-            out.append(Collective("reduce_scatter", "gradients", syncs * per_bucket,
-                                  syncs * psi * n.grad, w, multi, when))  # fmt: skip
+            out.append(Collective("reduce_scatter", grads, syncs * per_bucket,
+                                  syncs * psi * n.reduce, w, multi, when))  # fmt: skip
             return out
-        out.append(Collective("all_reduce", "gradients", syncs * per_bucket, syncs * psi * n.grad,
+        out.append(Collective("all_reduce", grads, syncs * per_bucket, syncs * psi * n.reduce,
                               w, multi, when))  # fmt: skip
         out.append(Collective("all_gather", "updated parameters", per_bucket, psi * n.param, w,
                               multi, "step"))  # fmt: skip
@@ -85,10 +86,10 @@ def collectives(setup: Setup, gpus_per_node: int) -> list[Collective]:
         else:
             out.append(Collective("all_gather", "parameters (once per cycle)", units,
                                   total * n.compute, shard, shard_multi, "cycle"))  # fmt: skip
-        out.append(Collective("reduce_scatter", "gradients", syncs * units,
+        out.append(Collective("reduce_scatter", grads, syncs * units,
                               syncs * total * n.reduce, shard, shard_multi, when))  # fmt: skip
     if b == "hsdp" and w // shard > 1:
-        out.append(Collective("all_reduce", "gradient shards across replicas", units,
+        out.append(Collective("all_reduce", f"gradient shards across replicas ({dtype})", units,
                               total / shard * n.reduce, w // shard, True, "cycle"))  # fmt: skip
     return out
 

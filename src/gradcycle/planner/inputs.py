@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from types import SimpleNamespace
 
+from gradcycle.planner.attention import mask_kind, resolve_precision
 from gradcycle.planner.memory import GIB, Setup, Shape
 from gradcycle.planner.zero import ZeroSettings, settings
 
@@ -20,7 +21,7 @@ class UnknownShape(ValueError):
 
 def shape_from_config(cfg, vocab: int | None = None) -> Shape:
     m = cfg.model
-    if m.pretrained:
+    if m.pretrained or m.config:
         return _pretrained_shape(m)
     vocab = m.vocab_size or vocab or (None if cfg.data.tokenizer else cfg.data.vocab_size)
     if vocab is None:
@@ -37,13 +38,17 @@ def _pretrained_shape(m) -> Shape:
     try:
         from transformers import AutoConfig
 
-        hf = AutoConfig.from_pretrained(m.pretrained, local_files_only=True,
+        hf = AutoConfig.from_pretrained(m.pretrained or m.config, local_files_only=True,
                                         trust_remote_code=m.trust_remote_code)  # fmt: skip
-        return Shape(hf.vocab_size, hf.hidden_size, hf.num_hidden_layers, hf.num_attention_heads,
+        return Shape(m.vocab_size or hf.vocab_size, hf.hidden_size, hf.num_hidden_layers,
+                     hf.num_attention_heads,
                      getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
                      hf.intermediate_size, bool(getattr(hf, "tie_word_embeddings", False)))  # fmt: skip
     except Exception as e:  # not local, or not Llama-shaped: the planner cannot size it
-        raise UnknownShape(f"model.pretrained={m.pretrained!r}: cannot read a Llama-style "
+        field = (
+            f"model.pretrained={m.pretrained!r}" if m.pretrained else f"model.config={m.config!r}"
+        )
+        raise UnknownShape(f"{field}: cannot read a Llama-style "
                            f"config locally ({type(e).__name__}: {e})") from None  # fmt: skip
 
 
@@ -150,16 +155,19 @@ def make_setup(cfg, shape: Shape, world: int, nodes: int, micro: int, sync: str,
     from gradcycle.model import checkpointed_layers
 
     b = backend or cfg.backend.name
+    target = "cpu" if cfg.hardware.name == "cpu" else "cuda"  # the device the plan sizes
     if zero is None:
         zero = zero_settings(cfg, b) if b.startswith("zero") else ZeroSettings()
     return Setup(
         shape=shape, seq=cfg.data.seq_len, micro=micro,
         accumulation=max(1, global_batch(cfg, world) // (micro * world)),
-        backend=b, world=world, shard=shard_size(cfg, b, world, nodes), precision=cfg.precision,
+        backend=b, world=world, shard=shard_size(cfg, b, world, nodes),
+        precision=resolve_precision(cfg.precision, target),
         sync=sync, checkpointed=tuple(checkpointed_layers(shape.layers, ac[0], ac[1])),
         optimizer=cfg.optim.name, momentum=cfg.optim.momentum,
         reduce_dtype=cfg.backend.reduce_dtype,
         offload_optimizer=cfg.backend.offload_optimizer and b.startswith("zero"),
         offload_param=cfg.backend.offload_param and b == "zero3",
         zero=zero, loss=cfg.loss.impl, loss_chunk=cfg.loss.chunk_tokens,
+        device=target, attention_mask=mask_kind(cfg.data.document_mask, target),
     )  # fmt: skip

@@ -8,16 +8,20 @@ Pure arithmetic (no torch): the planner (`gradcycle.plan`) turns a config into a
   (each parameter's first dimension padded to the shard count) and gathers units in the compute
   dtype; DeepSpeed keeps 16-bit parameters plus an fp32 master partition (fp32 runs too).
 - activations: counted tensor by tensor from the Hugging Face Llama layer (RMSNorm upcasts to
-  fp32; SDPA saves q, k, v, its output and a log-sum-exp, never the s x s scores), so the
-  Korthikanti et al. (2022) 34·s·b·h bytes of a GPT layer become ~47.5·s·b·h (bf16 parameters) or
-  ~57.5·s·b·h (autocast over fp32 parameters) for a SwiGLU layer. A checkpointed layer keeps only
-  its input; its activations come back, one layer at a time, during backward.
+  fp32; a flash-style kernel saves q, k, v, its output and a log-sum-exp, never the s x s
+  scores), so the Korthikanti et al. (2022) 34·s·b·h bytes of a GPT layer become ~47.5·s·b·h
+  (bf16 parameters) or ~57.5·s·b·h (autocast over fp32 parameters) for a SwiGLU layer. The
+  attention kernel that runs on the target (planner/attention.py: fp32 with GQA gets SDPA's math
+  kernel and its b·h·s² fp32 scores; a dense document mask adds a bias per layer) replaces the
+  flash-style term. A checkpointed layer keeps only its input; its activations come back, one
+  layer at a time, during backward.
 - the loss (`loss.impl`, gradcycle/loss.py): `full` upcasts the logits of every token to fp32, so
   log-softmax, its gradient and the input gradient (3 x 4 bytes per token and vocabulary entry)
   coexist at the start of backward. `chunked` (and `liger`) hold one chunk's logits at a time (fp32,
   plus their 16-bit matmul output) and the head's gradient, computed in the loss forward; the
   hidden-state gradient it keeps replaces the head's saved input (planner/loss.py).
-- temporaries: unsharded units (FSDP2), DDP's gradient buckets, autocast's bf16 weight copies.
+- temporaries: unsharded units (FSDP2), autocast's bf16 weight copies (DDP's buckets are its
+  gradients: `gradient_as_bucket_view`, zeroed in place, held through the step).
   AdamW is torch's fused kernel (backends/base.py), which updates in place: the step adds no
   buffer. DeepSpeed's terms (gathered ZeRO-3 modules, buckets, the fp32 step gradient) are
   derived from its code in zero.py.
@@ -33,10 +37,12 @@ import math
 from dataclasses import dataclass, field
 
 from gradcycle.planner import zero
+from gradcycle.planner.attention import AttentionBytes, attention_bytes, kernel_for
 from gradcycle.planner.loss import loss_bytes
 from gradcycle.planner.zero import ZeroSettings
 
 GIB = 2**30
+DDP_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
 
 
 @dataclass(frozen=True)
@@ -121,13 +127,15 @@ class Numerics:
 
 def numerics(backend: str, precision: str, reduce_dtype: str = "fp32") -> Numerics:
     half = precision in ("bf16", "fp16")
+    # backend.reduce_dtype on every backend: fp32, or the 16-bit training dtype
+    reduce = 2 if half and reduce_dtype != "fp32" else 4
     if backend == "ddp":  # fp32 parameters; autocast computes in 16 bits
-        return Numerics(4, 2 if half else 4, 4, half, 4, 4)
+        return Numerics(4, 2 if half else 4, 4, half, 4, reduce)
     if backend in ("fsdp", "hsdp"):  # fp32 shards; MixedPrecisionPolicy gathers 16-bit units
         c = 2 if half else 4
-        return Numerics(4, c, c, False, 4, 4 if reduce_dtype == "fp32" else 2)
+        return Numerics(4, c, c, False, 4, reduce)
     p = 2 if half else 4  # DeepSpeed: the module itself is cast (fp32 masters: zero.py)
-    return Numerics(p, p, p, False, p, p)
+    return Numerics(p, p, p, False, p, reduce)
 
 
 @dataclass(frozen=True)
@@ -149,7 +157,9 @@ class Setup:
     offload_param: bool = False
     zero: ZeroSettings = ZeroSettings()  # DeepSpeed's zero_optimization values
     loss: str = "full"  # loss.impl: full | chunked | liger
-    loss_chunk: int = 2048  # loss.chunk_tokens
+    loss_chunk: int | str = 2048  # loss.chunk_tokens (or "auto")
+    device: str = "cuda"  # the target's device type: cuda | cpu (hardware=cpu)
+    attention_mask: str = "none"  # none | dense | flex (planner/attention.py mask_kind)
 
     @property
     def num(self) -> Numerics:
@@ -172,6 +182,7 @@ class Estimate:
     layer_ckpt_bytes: float  # the same layer checkpointed: its input only
     per_cycle_extra: float  # what sync=per_cycle adds over per_micro
     moments: dict[str, float] = field(default_factory=dict)
+    attention: AttentionBytes | None = None  # the target's attention kernel and its bytes
 
 
 def optimizer_bytes(setup: Setup) -> int:
@@ -217,13 +228,16 @@ def _linear_inputs(n: Numerics, consumers: int) -> int:
     return consumers * n.compute if n.autocast else n.residual
 
 
-def layer_activation_bytes(shape: Shape, num: Numerics) -> float:
-    """Saved bytes per token of one decoder layer without checkpointing."""
+def layer_activation_bytes(shape: Shape, num: Numerics, kernel_bytes: float | None = None) -> float:
+    """Saved bytes per token of one decoder layer without checkpointing. `kernel_bytes`: what
+    the attention kernel itself keeps per token (planner/attention.py); default flash-style:
+    q, k, v, its output and an fp32 log-sum-exp per head."""
     h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
     c, r = num.compute, num.residual
+    if kernel_bytes is None:
+        kernel_bytes = c * (2 * h + 2 * kv) + 4 * shape.heads
     norm = 4 + r  # RMSNorm: its fp32 input (the residual itself when fp32) and the normed value
-    attn = norm + _linear_inputs(num, 3) + c * (3 + 2 * kv / h)  # q, k, v, SDPA out, transpose
-    attn += 4 * shape.heads / h  # SDPA's log-sum-exp (fp32, one per head and token)
+    attn = norm + _linear_inputs(num, 3) + c + kernel_bytes / h  # + o_proj's input (transposed)
     mlp = norm + _linear_inputs(num, 2) + 4 * c * i / h  # gate, silu(gate), up, product
     return h * (attn + mlp)
 
@@ -239,13 +253,25 @@ def head_activation_bytes(shape: Shape, num: Numerics) -> float:
     return shape.hidden * (4 + num.residual + _linear_inputs(num, 1))
 
 
+def attention(setup: Setup) -> AttentionBytes:
+    """The attention kernel the target runs for this setup, and its bytes per micro-batch."""
+    s = setup.shape
+    head_dim = s.hidden // s.heads
+    kernel = kernel_for(setup.device, setup.precision, s.heads, s.kv_heads, head_dim,
+                        setup.attention_mask)  # fmt: skip
+    return attention_bytes(kernel, setup.attention_mask, setup.micro, setup.seq, s.heads,
+                           s.kv_heads, head_dim, setup.num.compute)  # fmt: skip
+
+
 def activations(setup: Setup) -> dict[str, float]:
     """Activation-side bytes of one micro-batch at the moments that can be the peak."""
     s, n, tok = setup.shape, setup.num, setup.tokens
-    full = layer_activation_bytes(s, n) * tok
+    att = attention(setup)
+    full = layer_activation_bytes(s, n, att.saved / tok) * tok
     ckpt = n.residual * s.hidden * tok  # a checkpointed layer keeps its input only
     n_ckpt = len(setup.checkpointed)
     saved = (s.layers - n_ckpt) * full + n_ckpt * ckpt + head_activation_bytes(s, n) * tok
+    saved += att.shared  # the micro-batch's document mask, one for every layer
     top_ckpt = s.layers - 1 in setup.checkpointed
     loss_fwd, loss_bwd = loss_bytes(setup)  # forward end, backward start
     return {
@@ -255,7 +281,8 @@ def activations(setup: Setup) -> dict[str, float]:
         "loss_forward": loss_fwd,
         "loss_backward": loss_bwd,
         # a checkpointed top layer is recomputed whole before its backward runs
-        "recompute": (full if top_ckpt else 0.0) + layer_backward_bytes(s, n) * tok,
+        "recompute": (full if top_ckpt else 0.0) + layer_backward_bytes(s, n) * tok + att.temporary,
+        "attention": att,
     }
 
 
@@ -271,8 +298,10 @@ def temporaries(setup: Setup) -> dict[str, float]:
     s, n, psi = setup.shape, setup.num, setup.shape.n_params
     out = dict.fromkeys(("static", "forward", "loss", "layer", "end", "step", "per_cycle"), 0.0)
     if setup.backend == "ddp":
-        if setup.world > 1:
-            out["static"] = psi * n.grad  # reducer buckets (gradient_as_bucket_view=False)
+        # W > 1: the reducer's buckets are the gradients (gradient_as_bucket_view=True, kept
+        # between steps), so no second copy; estimate() holds them throughout
+        if setup.world > 1 and n.reduce < n.grad:  # a bucket's 16-bit copy (comm hook)
+            out["end"] = min(psi * n.grad, DDP_BUCKET_BYTES) * n.reduce / n.grad
         if n.autocast:
             # autocast caches a bf16 copy of every matmul weight for the forward; autograd keeps
             # those of layers that are not recomputed until their backward
@@ -312,8 +341,8 @@ def estimate(setup: Setup) -> Estimate:
     # Gradients are freed by the step (set_to_none): the first micro-batch of a cycle builds them
     # while it frees activations; from the second on they are alive for the whole backward.
     grads_held = ms["gradients"] if setup.accumulation > 1 else 0.0
-    if setup.backend in ("zero2", "zero3"):
-        grads_held = ms["gradients"]  # a preallocated partition buffer
+    if setup.backend in ("zero2", "zero3") or (setup.backend == "ddp" and setup.world > 1):
+        grads_held = ms["gradients"]  # a preallocated partition buffer; DDP's buckets
     held = {"gradients": grads_held, "per_cycle extra": per_cycle}
     unsharded = "unsharded / cast parameters"
     moments = {
@@ -359,4 +388,5 @@ def estimate(setup: Setup) -> Estimate:
         layer_ckpt_bytes=act["layer_ckpt"],
         per_cycle_extra=tmp["per_cycle"],
         moments=totals,
+        attention=act["attention"],
     )

@@ -112,11 +112,7 @@ def make_plan(cfg, world: int | None = None, nodes: int | None = None, vocab=Non
     """The configured run, what `auto` picks, the recommendation; `searches=False`: the first."""
     world, nodes, _ = topology(cfg, world, nodes)
     check_batch(cfg, world)  # a batch train.py refuses is refused here, with its words
-    if cfg.hardware.name == "auto":  # a training run resolves it first; the CLI sizes a target
-        from gradcycle import hardware
-        from gradcycle.distributed import device_type
-
-        cfg = hardware.resolve(cfg, device_type(cfg.device), for_planner=True)
+    cfg = _target(cfg)  # hardware=auto / precision=auto (a training run resolved them first)
     shape = shape_from_config(cfg, vocab)
     budget = budget_bytes(cfg)
     limit = cfg.plan.headroom * budget
@@ -134,6 +130,14 @@ def make_plan(cfg, world: int | None = None, nodes: int | None = None, vocab=Non
             plan.alternatives = alternatives(cfg, shape, world, nodes, limit)
     plan.warnings = warnings_for(plan, configured or plan.auto)
     return plan
+
+
+def _target(cfg):
+    """hardware=auto and precision=auto for the machine the planner sizes (no-op if resolved)."""
+    from gradcycle import hardware
+    from gradcycle.distributed import device_type
+
+    return hardware.resolve(cfg, device_type(cfg.device), for_planner=True)
 
 
 def _fit_key(limit: float):
@@ -179,8 +183,8 @@ def warnings_for(plan: Plan, cand: Candidate | None) -> list[str]:
         bigger = next((d for d in range(s.micro + 1, per_rank + 1)
                        if per_rank % d == 0 and d * s.seq >= need), None)  # fmt: skip
         remedies = [f"train.micro_batch_size={bigger}" if bigger else "a larger global batch"]
-        if s.backend in ("fsdp", "hsdp") and s.num.reduce == 4:
-            remedies.append("backend.reduce_dtype=bf16 (halves the reduce-scatter)")
+        if s.num.reduce == 4 and s.precision != "fp32":
+            remedies.append(f"backend.reduce_dtype={s.precision} (halves the gradient bytes)")
         remedies.append("sync=per_cycle where memory allows")
         out.append(
             f"{s.tokens} tokens per micro-batch are too few to hide communication on "
@@ -269,7 +273,10 @@ def _plan_cli(cfg) -> Plan:
     from gradcycle.config import validate
 
     validate(cfg, this_machine=False)  # the target's GPUs, not this machine's
-    return make_plan(cfg)  # its cfg has hardware=auto resolved
+    plan = make_plan(cfg)  # resolves hardware=auto and precision=auto for the target
+    if plan.cfg.precision != cfg.precision:  # the rules that depend on the precision chosen
+        validate(plan.cfg, this_machine=False)
+    return plan
 
 
 def _report(plan: Plan) -> None:

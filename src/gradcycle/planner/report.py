@@ -48,6 +48,7 @@ def render_json(plan: Plan) -> dict:
         out["activations_per_layer_bytes"] = {"no_checkpointing": int(run.est.layer_bytes),
                                               "checkpointed": int(run.est.layer_ckpt_bytes)}  # fmt: skip
         out["per_cycle_extra_bytes"] = int(run.est.per_cycle_extra)
+        out["attention"] = _attention(run)
         out["collectives"] = [{"op": c.op, "what": c.what, "calls": c.calls,
                                "bytes": int(c.nbytes), "group": c.group, "when": c.when,
                                "inter_node": c.inter_node} for c in run.colls]  # fmt: skip
@@ -60,7 +61,8 @@ def render_json(plan: Plan) -> dict:
     out.update(
         budget_bytes_per_gpu=int(plan.budget),
         hardware=cfg.hardware.name, world=plan.world, nodes=plan.nodes,
-        backend=cfg.backend.name, precision=cfg.precision, seq_len=cfg.data.seq_len,
+        backend=cfg.backend.name, precision=cfg.precision, reduce_dtype=cfg.backend.reduce_dtype,
+        seq_len=cfg.data.seq_len,
         global_batch_size=cfg.train.global_batch_size,
         model={"name": cfg.model.name, "params": s.n_params, "layers": s.layers,
                "hidden": s.hidden, "vocab": s.vocab},
@@ -69,6 +71,12 @@ def render_json(plan: Plan) -> dict:
         warnings=plan.warnings,
     )  # fmt: skip
     return out
+
+
+def _attention(c: Candidate) -> dict:
+    a = c.est.attention
+    return {"kernel": a.kernel, "mask": a.mask, "saved_per_layer_bytes": int(a.saved),
+            "temporary_bytes": int(a.temporary), "mask_bytes": int(a.shared)}  # fmt: skip
 
 
 def _gib(x: float) -> str:
@@ -88,7 +96,7 @@ def render_text(plan: Plan) -> str:
         f"layers, hidden {s.hidden}, vocab {s.vocab}), seq {cfg.data.seq_len}, {cfg.precision}",
         f"hardware: {plan.nodes} node(s) x {gpn} {cfg.hardware.name} = {plan.world} GPUs, "
         f"{cfg.hardware.memory_gb:.1f} GiB each, {plan.budget / GIB:.1f} GiB usable; "
-        f"backend={cfg.backend.name}",
+        f"backend={cfg.backend.name}, gradients reduced in {cfg.backend.reduce_dtype}",
     ]
     if tokens:
         lines.append(f"global batch: {cfg.train.global_batch_size} samples = {tokens:,} tokens "
@@ -107,6 +115,11 @@ def render_text(plan: Plan) -> str:
                  f"({run.est.peak / plan.budget:.0%}): {verdict}")  # fmt: skip
     lines.append(f"activations per layer and micro-batch: {run.est.layer_bytes / GIB:.3f} GiB "
                  f"without checkpointing, {run.est.layer_ckpt_bytes / GIB:.3f} GiB checkpointed")  # fmt: skip
+    a = run.est.attention
+    lines.append(f"attention: {a.kernel} kernel (document mask: {a.mask}), "
+                 f"{a.saved / GIB:.3f} GiB kept per layer and micro-batch"
+                 + (f", {a.temporary / GIB:.3f} GiB transient (fp32 scores)" if a.temporary else "")
+                 + (f", mask {a.shared / GIB:.3f} GiB" if a.shared else ""))  # fmt: skip
     if run.est.per_cycle_extra > 0:
         lines.append(f"sync=per_cycle holds {run.est.per_cycle_extra / GIB:.2f} GiB more per GPU "
                      "than per_micro through the cycle")  # fmt: skip

@@ -22,6 +22,10 @@ deepspeed 0.19.8 that each term follows; in short:
   `reduce_bucket_size` buckets (two with `overlap_comm`) allocated for each backward, ZeRO-2
   copies its partition out of them, and the step flattens and converts one parameter group's
   gradient partition to fp32.
+- The reduction dtype (`communication_data_type`, from backend.reduce_dtype): ZeRO-1/2 and the
+  BF16_Optimizer flatten each reduced bucket and cast the flat copy to it for the all-reduce
+  (`allreduce_bucket`); ZeRO-3 allocates its reduction bucket in it (stage3.py l. 782), so
+  gradients are copied into it before the reduce-scatter.
 """
 
 from __future__ import annotations
@@ -260,12 +264,14 @@ def temporaries(setup: Setup, z: ZeroSettings) -> dict[str, float]:
     stage = int(setup.backend[-1])
     psi = s.n_params
     g = z.grad_accum or n.grad
-    comm = z.comm or n.param
+    comm = z.comm or n.reduce
     out = dict.fromkeys(("static", "forward", "loss", "layer", "end", "step", "per_cycle"), 0.0)
     out["step_gradients"] = model_states(setup, z, 0)["gradients"]
     bucket = z.reduce_bucket * comm
-    # the reduce-scatter input: the bucket's gradients copied out with padding (torch.cat)
-    reduce_copy = min(z.reduce_bucket, psi) * comm if w > 1 else 0.0
+    # ZeRO-3: the reduce-scatter input, the bucket's gradients copied out with padding
+    # (torch.cat); ZeRO-1/2: the flattened bucket, plus its cast to the reduction dtype
+    flat = comm if stage == 3 else n.grad + (comm if comm != n.grad else 0)
+    reduce_copy = min(z.reduce_bucket, psi) * flat if w > 1 else 0.0
     part, largest = _partitions(s, w)
     if stage == 3:
         out["static"] = bucket
@@ -283,10 +289,11 @@ def temporaries(setup: Setup, z: ZeroSettings) -> dict[str, float]:
             out["per_cycle"] = psi * n.grad  # coalesced: every micro-batch's full gradient
         return out
     if bf16_optimizer(setup, z):
-        # the boundary's all-reduce casts the fp32 sum to the communication dtype in buckets of
-        # MEMORY_OPT_ALLREDUCE_SIZE (5e8) elements (engine.buffered_allreduce_fallback) and
-        # flattens each bucket; the step uses views of the fp32 buffer (no copy)
-        out["end"] = 2 * min(500_000_000, psi) * comm if w > 1 else 0.0
+        # the boundary's all-reduce flattens the fp32 sum in buckets of MEMORY_OPT_ALLREDUCE_SIZE
+        # (5e8) elements (engine.buffered_allreduce_fallback) and casts each flat bucket to the
+        # communication dtype unless it is fp32; the step uses views of the fp32 buffer
+        flat = 4 + (comm if comm != 4 else 0)
+        out["end"] = min(500_000_000, psi) * flat if w > 1 else 0.0
         out["step_gradients"] = psi * (n.grad + 4)
         return out
     overlap = z.overlap_comm if z.overlap_comm is not None else False

@@ -11,13 +11,10 @@ aten op of the kernel the target would pick, so autograd saves what that kernel 
              additive bias (b·1·T·T in the compute dtype), saved for backward; no grouped heads
   math       `_scaled_dot_product_attention_math`: the composite path, which materialises and
              saves the b·h·T·T scores and their softmax
-  cpu        hardware=cpu: torch's own CPU SDPA, unchanged
+  cpu_flash  hardware=cpu: torch's own CPU SDPA, unchanged
 
-PLACEHOLDER: `kernel_for()` below is a stand-in, with the rule of torch 2.13's CUDA priority
-(flash, efficient, math) as read from its sources, for `gradcycle.planner.attention.kernel_for`
-(written on branch hot-path, which also sizes `attention_bytes`). At merge, import that one here
-and delete this function: the simulation then uses the planner's own rule, and the simulated
-peak checks the planner's attention term instead of restating it.
+Which one runs is the planner's own rule (`gradcycle.planner.attention.kernel_for`), so the
+simulated peak checks the planner's attention term instead of restating it.
 """
 
 from __future__ import annotations
@@ -27,20 +24,18 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from gradcycle.planner.attention import kernel_for
+
 aten = torch.ops.aten
-KERNELS = ("flash", "efficient", "math", "cpu")
+_PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def kernel_for(hardware: str, dtype: torch.dtype, has_mask: bool, enable_gqa: bool,
-               head_dim: int) -> str:  # fmt: skip
-    """PLACEHOLDER for gradcycle.planner.attention.kernel_for (see the module docstring)."""
-    if hardware == "cpu":
-        return "cpu"
-    if dtype in (torch.bfloat16, torch.float16) and not has_mask and head_dim <= 256:
-        return "flash"
-    if not enable_gqa:  # fp32 or a mask: the efficient kernel takes both, not grouped heads
-        return "efficient"
-    return "math"
+def kernel(hardware: str, query, key, attn_mask) -> str:
+    """The planner's kernel for this call's shapes and dtype on `hardware` (a GPU profile or cpu)."""
+    device = "cpu" if hardware == "cpu" else "cuda"
+    return kernel_for(device, _PRECISION.get(query.dtype, "fp32"), query.shape[-3],
+                      key.shape[-3], query.shape[-1],
+                      "none" if attn_mask is None else "dense")  # fmt: skip
 
 
 class TargetAttention:
@@ -53,14 +48,13 @@ class TargetAttention:
 
     def __call__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                  scale=None, enable_gqa=False):  # fmt: skip
-        kernel = kernel_for(self.hardware, query.dtype, attn_mask is not None, enable_gqa,
-                            query.shape[-1])  # fmt: skip
-        self.seen[kernel] = self.seen.get(kernel, 0) + 1
-        if kernel == "flash":
+        name = kernel(self.hardware, query, key, attn_mask)
+        self.seen[name] = self.seen.get(name, 0) + 1
+        if name == "flash":
             return aten._scaled_dot_product_flash_attention(
                 query, key, value, dropout_p, is_causal, False, scale=scale
             )[0]
-        if kernel == "efficient":
+        if name == "efficient":
             bias = attn_mask
             if bias is not None and bias.dtype == torch.bool:  # what SDPA converts it to
                 bias = torch.zeros(bias.shape, dtype=query.dtype, device=query.device)
@@ -68,7 +62,7 @@ class TargetAttention:
             return aten._scaled_dot_product_efficient_attention(
                 query, key, value, bias, True, dropout_p, is_causal, scale=scale
             )[0]
-        if kernel == "math":
+        if name == "math":
             return aten._scaled_dot_product_attention_math(
                 query, key, value, attn_mask, dropout_p, is_causal, None, scale=scale,
                 enable_gqa=enable_gqa,

@@ -6,9 +6,12 @@ through `safetensors.safe_open(...).get_slice`: either way a rank reads its own 
 around its flat partition) and nothing else, converting them to its storage dtype as they land.
 A file is mapped only while one slice is read from it, so its pages never add up in memory.
 
-The files' tensor names must be the model's state-dict names (true for HF Llama checkpoints);
-tied weights may be stored under any of their names. Other formats (.bin, renamed keys) load
-through transformers on ddp/zero1/zero2, which keep full parameters anyway.
+The files' tensor names are matched to the model's parameters the way `from_pretrained` matches
+them: transformers' own checkpoint conversion mapping (gradcycle.weights.names: GPT-NeoX's
+`embed_out.weight` feeds `lm_head.weight`, legacy LayerNorm.gamma/beta, a base-model prefix);
+tied weights may be stored under any of their names. Tensors transformers converts (MoE experts
+stacked from per-expert tensors, fused projections split) and .bin files load through
+transformers on ddp/zero1/zero2, which keep full parameters anyway.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gradcycle.weights import names
 from gradcycle.weights.pieces import pieces
 
 _ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
@@ -60,6 +64,16 @@ class SafetensorsDir:
                     self.file[name] = f
                     self.meta[name] = (s.get_dtype(), tuple(s.get_shape()))
         self.bytes_read = 0
+        self.key: dict[str, str] = {n: n for n in self.file}  # model name -> file key
+        self.converted: list[str] = []  # file keys that need one of transformers' converters
+
+    def bind(self, model: nn.Module) -> None:
+        """Match the file keys to `model`'s names as from_pretrained does."""
+        self.key, self.converted = names.file_keys(model, self.file)
+
+    def source(self, aliases: tuple[str, ...]) -> str | None:
+        """The file key holding the parameter named `aliases` (any of a tied weight's names)."""
+        return next((self.key[a] for a in aliases if a in self.key), None)
 
     def __contains__(self, name: str) -> bool:
         return name in self.file
@@ -82,10 +96,6 @@ class SafetensorsDir:
         return self.rows(name, first, last).reshape(-1)[start - first * inner :][:count]
 
 
-def _source_name(aliases: tuple[str, ...], files) -> str | None:
-    return next((a for a in aliases if a in files), None)
-
-
 def _aliases(model) -> dict[int, tuple[str, ...]]:
     names: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -98,33 +108,41 @@ def _check(model: nn.Module, files: SafetensorsDir) -> None:
     problems = []
     aliases = _aliases(model)
     for name, param in model.named_parameters():
-        src = _source_name(aliases[id(param)], files)
+        src = files.source(aliases[id(param)])
         shape = tuple(getattr(param, "ds_shape", None) or param.shape)
         if src is None:
             problems.append(f"{name} missing")
         elif files.meta[src][1] != shape:
             problems.append(f"{src} has shape {list(files.meta[src][1])}, the model {list(shape)}")
     if problems:
+        converted = ""
+        if files.converted:
+            converted = (f"; transformers converts {len(files.converted)} of its tensors (e.g. "
+                         f"{files.converted[0]}: stacked experts or fused projections), which "
+                         "fsdp, hsdp and zero3 cannot read as row slices: use backend=ddp, zero1 "
+                         "or zero2 (from_pretrained converts them)")  # fmt: skip
         raise ValueError(
             f"model.pretrained={files.path}: the safetensors files do not match the model's "
             f"config.json: {'; '.join(problems[:4])}{' ...' if len(problems) > 4 else ''}"
+            f"{converted}"
         )
 
 
 def _persistent_buffers(model: nn.Module, files: SafetensorsDir) -> None:
     """Buffers saved in the state dict are whole on every rank: read them whole."""
-    keys = set(model.state_dict().keys())
+    keys = names.state_names(model)
     for name, buf in model.named_buffers():
-        if name in keys and name in files:
-            shape = files.meta[name][1]
+        src = files.key.get(name) if name in keys else None
+        if src is not None:
+            shape = files.meta[src][1]
             with torch.no_grad():
-                buf.copy_(files.rows(name, 0, shape[0]) if shape else files.rows(name, 0, 1))
+                buf.copy_(files.rows(src, 0, shape[0]) if shape else files.rows(src, 0, 1))
 
 
 @torch.no_grad()
 def load_pieces(model: nn.Module, files: SafetensorsDir) -> None:
     for piece in pieces(model):
-        src = _source_name(piece.aliases, files)
+        src = files.source(piece.aliases)
         piece.out.copy_(files.flat(src, piece.start, piece.out.numel()))
     _persistent_buffers(model, files)
 
@@ -162,17 +180,12 @@ def _load_dcp(model: nn.Module, files: SafetensorsDir, reader_cls) -> int:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    state = get_model_state_dict(model)  # DTensors over this rank's shards: filled in place
-    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    for name in [k for k in state if k not in params and k not in files]:
-        del state[name]  # a buffer the files lack: recomputed by the caller
+    model_state = get_model_state_dict(model)  # DTensors over this rank's shards: filled in place
+    state = {}  # keyed by the files' names; buffers are read by _persistent_buffers
     for aliases in _aliases(model).values():
-        src = _source_name(aliases, files)
-        for name in aliases:
-            if name != src:
-                state.pop(name, None)  # a tied weight is read once, under the name it is saved as
-        if src is not None and src not in state:
-            state[src] = model.get_parameter(aliases[0])
+        src = files.source(aliases)  # a tied weight is read once, under the name it is saved as
+        value = next((model_state[a] for a in aliases if a in model_state), None)
+        state[src] = value if value is not None else model.get_parameter(aliases[0])
     reader = reader_cls(str(files.path))
     dcp.load(state, storage_reader=reader)
     return reader.bytes_read
@@ -184,6 +197,7 @@ def load_into(model: nn.Module, path: Path, use_dcp: bool | None = None) -> int:
     from torch.distributed.tensor import DTensor
 
     files = SafetensorsDir(path)
+    files.bind(model)
     _check(model, files)
     reader_cls = _hf_reader_class()
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
