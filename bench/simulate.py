@@ -64,7 +64,10 @@ def capped(preset: str, extra: list[str], full: bool) -> tuple[list[str], str]:
 def simulate(preset: str, overrides: list[str]) -> dict:
     cmd = [sys.executable, "-m", "gradcycle.simulate", f"experiment={preset}", *overrides,
            "simulate.rank=0", "simulate.format=json"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
         tail = done.stderr.strip().splitlines()[-1:] or ["?"]

@@ -145,7 +145,6 @@ def sizes():
     cfg = compose([*TINY, *STEPS])
     model = build_model(cfg.model, len(open_dataset(cfg).tokenizer), "meta")
     n = sum(p.numel() for p in model.parameters())
-    layers = sum(p.numel() for p in decoder_layers(model).parameters())
     # every parameter's dim 0 is even: no padding when sharding over 2 ranks
     assert all(p.shape[0] % 2 == 0 for p in model.parameters())
     kept = model.model.norm.weight.numel() + model.lm_head.weight.numel()

@@ -66,7 +66,7 @@ def test_all_gathers_follow_the_sync_plan(scale):
 
 
 def test_peak_grows_with_the_micro_batch_not_with_k(scale):
-    k4, k8, m2 = (scale["per_cycle", *c]["peak_bytes"] for c in ((1, 4), (1, 8), (2, 4)))
+    k4, k8, m2 = (scale[("per_cycle", *c)]["peak_bytes"] for c in ((1, 4), (1, 8), (2, 4)))
     assert abs(k8 - k4) <= 0.01 * k4, (k4, k8)
     assert m2 > 1.05 * k4, (k4, m2)
     act1 = scale["per_cycle", 1, 4]["by_category"]["activations"]

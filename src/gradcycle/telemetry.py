@@ -45,8 +45,10 @@ _LEAVES = {
     # Point-to-point (pipeline stages): each send and each receive is one call of its tensor's
     # bytes. batch_isend_irecv runs P2POps whose `op` is isend/irecv, looked up when the op is
     # made, so the wrapped ones: counted there, never twice.
-    **{name: ("point_to_point", lambda a, k: _nbytes(_arg(a, k, 0, "tensor")))
-       for name in ("send", "recv", "isend", "irecv")},
+    **{
+        name: ("point_to_point", lambda a, k: _nbytes(_arg(a, k, 0, "tensor")))
+        for name in ("send", "recv", "isend", "irecv")
+    },
 }
 
 

@@ -74,8 +74,10 @@ def result(*, cfg, env, batch, tracker, record, candidate, attention, wall_s: fl
         "peak_at": steady.peak_at,
         "by_category": steady.by_category,
         "category_max": steady.category_max,
-        "largest_at_peak": [{"bytes": b, "category": c, "shape": list(shape), "dtype": d}
-                            for b, c, shape, d in steady.largest],  # fmt: skip
+        "largest_at_peak": [
+            {"bytes": b, "category": c, "shape": list(shape), "dtype": d}
+            for b, c, shape, d in steady.largest
+        ],  # fmt: skip
         "first_step_peak_bytes": steps[0].peak_bytes,
         "planner_peak_bytes": est.peak if est is not None else None,
         "planner_phase": est.phase if est is not None else None,
@@ -84,9 +86,19 @@ def result(*, cfg, env, batch, tracker, record, candidate, attention, wall_s: fl
         "comm": comm,
         "planner_comm": p_comm,
         "comm_ratio": comm_ratio,
-        "sync_plan": [list(row) for row in tracker.backend.sync_plan(batch.accumulation_steps).rows],
-        "steps": [{"name": s.name, "peak_bytes": s.peak_bytes, "peak_at": s.peak_at,
-                   "start_bytes": s.start_bytes, "by_category": s.by_category} for s in steps],  # fmt: skip
+        "sync_plan": [
+            list(row) for row in tracker.backend.sync_plan(batch.accumulation_steps).rows
+        ],
+        "steps": [
+            {
+                "name": s.name,
+                "peak_bytes": s.peak_bytes,
+                "peak_at": s.peak_at,
+                "start_bytes": s.start_bytes,
+                "by_category": s.by_category,
+            }
+            for s in steps
+        ],  # fmt: skip
         "host_rss_bytes": host_rss,
         "wall_s": wall_s,
     }
@@ -126,7 +138,9 @@ def render_text(r: dict) -> str:
     lines.append(f"  {'peak':<38} {_gib(r['peak_bytes']):>10} {_gib(r['planner_peak_bytes']):>10}"
                  f" {_x(r['peak_ratio']):>9}")  # fmt: skip
     lines.append(f"  simulated peak at: {r['peak_at']}; planner's: {r['planner_phase']}")
-    lines.append(f"  first step (optimizer state created): {_gib(r['first_step_peak_bytes'])} {UNIT[1]}")
+    lines.append(
+        f"  first step (optimizer state created): {_gib(r['first_step_peak_bytes'])} {UNIT[1]}"
+    )
     lines += ["", f"{'collectives per step':<22} {'calls':>8} {'planner':>8} {'ratio':>6} "
               f"{UNIT[1]:>9} {'planner':>9} {'ratio':>6}"]  # fmt: skip
     for op, ratio in r["comm_ratio"].items():

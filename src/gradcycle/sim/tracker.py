@@ -146,8 +146,13 @@ class MemoryTracker(TorchDispatchMode):
         entry = self.live.get(key)
         if entry is None:
             nbytes = storage.nbytes()
-            entry = [nbytes, self.phase, False, weakref.ref(storage, self._freed(key)),
-                     (tuple(t.shape), str(t.dtype).removeprefix("torch."))]
+            entry = [
+                nbytes,
+                self.phase,
+                False,
+                weakref.ref(storage, self._freed(key)),
+                (tuple(t.shape), str(t.dtype).removeprefix("torch.")),
+            ]
             self.live[key] = entry
             self.total += nbytes
         elif entry[0] != (nbytes := storage.nbytes()):
