@@ -69,9 +69,13 @@ def test_peak_grows_with_the_micro_batch_not_with_k(scale):
     k4, k8, m2 = (scale[("per_cycle", *c)]["peak_bytes"] for c in ((1, 4), (1, 8), (2, 4)))
     assert abs(k8 - k4) <= 0.01 * k4, (k4, k8)
     assert m2 > 1.05 * k4, (k4, m2)
-    act1 = scale["per_cycle", 1, 4]["by_category"]["activations"]
-    act2 = scale["per_cycle", 2, 4]["by_category"]["activations"]
-    assert act2 == pytest.approx(2 * act1, rel=0.1)  # activations scale with the micro-batch
+    # Each category's own maximum: the step's peak moves (micro 1: the head's forward; micro 2:
+    # the top layer's backward), so the split at the peak compares two different points. The
+    # activations' maximum is the micro-batch's saved tensors, which double, plus the chunked
+    # loss's head gradient (vocab x hidden, the same size at any micro-batch): more than 1.6x,
+    # never more than 2x.
+    act1, act2 = (scale[("per_cycle", m, 4)]["category_max"]["activations"] for m in (1, 2))
+    assert 1.6 * act1 < act2 <= 2.05 * act1, (act1, act2)
     for r in scale.values():
         # a whole cycle ran: the steady-state step peaks after its first micro-batch
         assert r["steps"][1]["peak_at"].startswith("step 2, micro-batch"), r["steps"][1]

@@ -89,16 +89,18 @@ def run_config(cfg, run_dir: str):
 
 
 def simulate(cfg) -> dict:
-    from gradcycle import trainer
+    from gradcycle import hardware, trainer
     from gradcycle.batching import plan_from_config
     from gradcycle.data.reader import open_dataset
     from gradcycle.planner import auto as plan_auto
     from gradcycle.planner.plan import make_plan
     from gradcycle.sim import report
     from gradcycle.sim.tracker import MemoryTracker
-    from gradcycle.sim.world import fake_world, rank_env
+    from gradcycle.sim.world import fake_world, rank_env, valueless_reducer
 
     check(cfg)
+    # precision=auto as on the target (bf16 where its profile has it), not as on this CPU
+    cfg = hardware.resolve(cfg, "cpu" if cfg.hardware.name == "cpu" else "cuda", for_planner=True)
     world, nodes = cfg.nodes * cfg.gpus_per_node, cfg.nodes
     vocab = len(open_dataset(cfg).tokenizer)  # prepared on the host, before the fake world
     cfg = plan_auto.resolve_auto(cfg, world, nodes)
@@ -111,7 +113,12 @@ def simulate(cfg) -> dict:
     with tempfile.TemporaryDirectory(prefix="gradcycle-sim-") as run_dir, \
             contextlib.redirect_stdout(out), fake_world(env, cfg.hardware.name) as attention, \
             tracker:  # fmt: skip
-        record = trainer.run(run_config(cfg, run_dir), on_backend=tracker.attach)
+
+        def on_backend(backend):
+            valueless_reducer(backend)
+            tracker.attach(backend)
+
+        record = trainer.run(run_config(cfg, run_dir), on_backend=on_backend)
     wall = time.perf_counter() - start
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return report.result(cfg=cfg, env=env, batch=batch, tracker=tracker, record=record,

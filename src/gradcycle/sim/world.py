@@ -16,7 +16,8 @@
   same parameter shapes and its start-up broadcast of rank 0's weights (C++ routines that read
   tensor data, which fake tensors have not; every rank builds the same model anyway); DDP's
   all-reduce comm hook runs the same all-reduce but does not wait on the fake group's future,
-  which carries no value.
+  which carries no value; fp32 DDP, whose C++ reducer would wait on that future itself, gets
+  that hook too (`valueless_reducer`), so its all-reduces are counted as the 16-bit hook's are.
 """
 
 from __future__ import annotations
@@ -79,6 +80,19 @@ def _allreduce_fut(process_group, tensor):
     fut = torch.futures.Future()
     fut.set_result(tensor)
     return fut
+
+
+def _allreduce_hook(process_group, bucket):
+    return _allreduce_fut(process_group, bucket.buffer())
+
+
+def valueless_reducer(backend) -> None:
+    """fp32 DDP all-reduces in its C++ reducer, which needs the fake group's future to hold the
+    reduced bucket: run the same all-reduce through the Python hook (counted by CommCounter)
+    instead of recording it from the bucket layout (`Buckets`, which reads storage addresses)."""
+    if getattr(backend, "buckets", None) is not None:
+        backend.model.register_comm_hook(None, _allreduce_hook)
+        backend.buckets = None
 
 
 REPLACED = (  # (module, function, what runs instead inside the fake world)
