@@ -138,29 +138,30 @@ def references(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sizes():
-    """N: parameters of the test model; R: those of the root unit (embeddings, norm, head)."""
+    """N: parameters of the test model; R: those of the unit backward starts with and does not
+    gather again (final norm + head); U: units (embedding, layers, norm + head)."""
     from gradcycle.data.reader import open_dataset
 
     cfg = compose([*TINY, *STEPS])
     model = build_model(cfg.model, len(open_dataset(cfg).tokenizer), "meta")
     n = sum(p.numel() for p in model.parameters())
-    layers = sum(p.numel() for p in decoder_layers(model).parameters())
     # every parameter's dim 0 is even: no padding when sharding over 2 ranks
     assert all(p.shape[0] % 2 == 0 for p in model.parameters())
-    return {"N": n, "R": n - layers, "U": len(decoder_layers(model)) + 1}
+    kept = model.model.norm.weight.numel() + model.lm_head.weight.numel()
+    return {"N": n, "R": kept, "U": len(decoder_layers(model)) + 2}
 
 
 # -- the collective contract --------------------------------------------------------------------
 def expected(mesh: str, policy: str, k: int, s: dict) -> dict:
-    """Per optimizer step: {op: (calls, bytes)}. U units, N params (R in the root), fp32 (4 B).
+    """Per optimizer step: {op: (calls, bytes)}. U units, N params (R in norm + head), fp32 (4 B).
     Bytes are those of the full buffer. 2 ranks."""
     n, r, u = s["N"], s["R"], s["U"]
     per_micro = policy in ("per_micro", "auto")  # auto: per_micro for the intra-shard collectives
     table = {}
     if mesh in ("fsdp", "hsdp1x2"):  # shard group of 2
         if per_micro:
-            # each micro-batch: forward gathers all U units; backward re-gathers the U-1 layers
-            # (the root keeps its parameters between its forward and backward)
+            # each micro-batch: forward gathers all U units; backward re-gathers the U-1 others
+            # (the norm + head unit keeps its parameters between its forward and backward)
             table["all_gather"] = (k * (2 * u - 1), k * 4 * (2 * n - r))
             # each micro-batch's backward reduce-scatters every unit's gradient
             table["reduce_scatter"] = (k * u, k * 4 * n)
@@ -206,11 +207,12 @@ def test_per_cycle_is_constant_in_k_and_per_micro_scales(two_ranks):
             if op in one:
                 assert four[op][0] == 4 * one[op][0], (mesh, op)
         assert four.get("all_reduce") == one.get("all_reduce")  # replica all-reduce once per cycle
-    # sharded: per_cycle at K=4 saves 20 - 3 all-gathers and 12 - 3 reduce-scatters per step
+    # sharded: per_cycle at K=4 saves 28 - 4 all-gathers and 16 - 4 reduce-scatters per step
+    # (U = 4: embedding, 2 layers, norm + head; 3 with one root unit before)
     fsdp = _measured(rec[("fsdp", "per_cycle", 4, "sgd")][0])
-    assert (fsdp["all_gather"][0], fsdp["reduce_scatter"][0]) == (3, 3)
+    assert (fsdp["all_gather"][0], fsdp["reduce_scatter"][0]) == (4, 4)
     naive = _measured(rec[("fsdp", "per_micro", 4, "sgd")][0])
-    assert (naive["all_gather"][0], naive["reduce_scatter"][0]) == (20, 12)
+    assert (naive["all_gather"][0], naive["reduce_scatter"][0]) == (28, 16)
 
 
 @pytest.mark.slow
@@ -327,7 +329,7 @@ def test_llama_7b_sharding_plan_on_meta_device():
         dist.destroy_process_group()
     print(f"llama-7b: {total / 1e9:.2f}B parameters in {len(units)} units, {local / 1e9:.2f}B "
           f"per rank, planned in {time.perf_counter() - start:.1f}s")  # fmt: skip
-    assert len(units) == 33
+    assert len(units) == 34  # embedding, 32 layers, norm + head (the root keeps none)
     assert round(total / 1e9, 2) == 6.74
     assert local * 2 == total
 

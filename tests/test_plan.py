@@ -168,15 +168,19 @@ def test_zero_settings_come_from_the_generated_deepspeed_config():
 
 def test_collectives_per_step():
     from gradcycle.planner.costs import collectives
+    from gradcycle.planner.memory import Shape
 
     s = _setup(accumulation=4)
     psi = s.shape.n_params
     ops = {c.op: c for c in collectives(s, gpus_per_node=8)}
-    assert ops["all_gather"].calls == 4 * (2 * 33 - 1)  # K x (2U - 1)
-    assert ops["reduce_scatter"].calls == 4 * 33  # K x U
+    # U = 34: embedding, 32 layers, norm + head (backends/fsdp.py)
+    assert ops["all_gather"].calls == 4 * (2 * 34 - 1)  # K x (2U - 1)
+    assert ops["reduce_scatter"].calls == 4 * 34  # K x U
     assert ops["reduce_scatter"].nbytes == pytest.approx(4 * psi * 4, rel=1e-3)  # fp32, K times
     cyc = {c.op: c for c in collectives(_setup(sync="per_cycle"), gpus_per_node=8)}
-    assert cyc["all_gather"].calls == cyc["reduce_scatter"].calls == 33
+    assert cyc["all_gather"].calls == cyc["reduce_scatter"].calls == 34
+    tied = _setup(shape=Shape(32000, 4096, 32, 32, 32, 11008, tie=True))  # one root unit
+    assert {c.op: c.calls for c in collectives(tied, 8)}["reduce_scatter"] == 4 * 33
     ddp = collectives(_setup(backend="ddp", sync="per_cycle"), gpus_per_node=8)
     assert [c.op for c in ddp] == ["all_reduce"] and ddp[0].nbytes == 4 * psi
 

@@ -221,6 +221,14 @@ class PlanConfig:
 
 
 @dataclass
+class SimulateConfig:
+    """python -m gradcycle.simulate: rank `rank` of the nodes x gpus_per_node job, on one CPU."""
+
+    rank: int = 0
+    format: str = "text"  # text | json
+
+
+@dataclass
 class Config:
     task: str = "lm"  # lm (causal LM) | image (image classification: gradcycle/vision)
     seed: int = 1234
@@ -247,6 +255,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    simulate: SimulateConfig = field(default_factory=SimulateConfig)
 
 
 def register_configs() -> None:

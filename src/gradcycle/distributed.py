@@ -9,6 +9,10 @@ exists, so a misconfigured launch fails with a clear message instead of hanging:
                                 SLURM_STEP_TASKS_PER_NODE, SLURM_STEP_NODELIST (first host =
                                 MASTER_ADDR), SLURM_JOB_ID (-> MASTER_PORT)
 
+A simulated rank (`simulated(env)`, python -m gradcycle.simulate) replaces all of them: read_env
+returns that rank's view and init_process_group creates torch's fake process group, in which
+every collective is issued and none communicates.
+
 Only a job *step* (srun) counts as a Slurm launch: the batch script itself also carries
 SLURM_PROCID=0 and SLURM_NTASKS=N, and a plain `python train.py` there is one process, not rank 0
 of N waiting forever for the others.
@@ -16,6 +20,7 @@ of N waiting forever for the others.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
@@ -40,7 +45,7 @@ class DistEnv:
     world_size: int = 1
     master_addr: str | None = None
     master_port: str | None = None
-    launcher: str = "python"  # python | torchrun | deepspeed | env | slurm
+    launcher: str = "python"  # python | torchrun | deepspeed | env | slurm | simulate
     local_world_size: int = 1
 
     @property
@@ -143,8 +148,36 @@ def _int(env, name: str) -> int:
         raise LaunchError(f"environment {name}={env[name]!r} is not an integer") from None
 
 
+_simulated: DistEnv | None = None  # set by simulated(): this process plays that rank
+
+
+@contextlib.contextmanager
+def simulated(env: DistEnv):
+    """Inside, this process is rank env.rank of env.world_size (gradcycle.sim): read_env returns
+    `env`, its variables are exported (nodes_from_env, hsdp's default, DeepSpeed read them) and
+    init_process_group creates the fake process group, destroyed on exit."""
+    global _simulated
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in names}
+    _simulated = env
+    export_env(env)
+    try:
+        yield env
+    finally:
+        _simulated = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def read_env(env=None) -> DistEnv:
     """The launcher's view of this process, checked; DistEnv() (world 1) when nothing is set."""
+    if env is None and _simulated is not None:
+        return _simulated
     env = os.environ if env is None else env
     in_step = "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env
     if "RANK" in env or "WORLD_SIZE" in env:
@@ -270,6 +303,8 @@ def device_type(wanted: str) -> str:
 
 
 def pick_device(env: DistEnv, wanted: str) -> torch.device:
+    if _simulated is not None:  # the target's tensors are fake CPU tensors (gradcycle.sim)
+        return torch.device("cpu")
     if device_type(wanted) == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("device=cuda but no CUDA device is visible: use device=cpu")
@@ -288,6 +323,11 @@ def init_process_group(env: DistEnv, device: torch.device, timeout_s: int) -> No
     """env:// rendezvous bounded by `timeout_s` (backend.dist_timeout_s): a wrong address, a busy
     port or a missing rank is a LaunchError after at most about that long, never a hang."""
     if env.world_size == 1 or dist.is_initialized():
+        return
+    if _simulated is not None:
+        from torch.testing._internal.distributed.fake_pg import FakeStore  # registers "fake"
+
+        dist.init_process_group("fake", rank=env.rank, world_size=env.world_size, store=FakeStore())
         return
     export_env(env)
     where = f"{env.master_addr}:{os.environ['MASTER_PORT']}"

@@ -99,8 +99,9 @@ def resolve_run_dir(cfg, env) -> Path:
     return Path(path).expanduser().resolve()
 
 
-def run(cfg) -> dict:
-    """Train according to `cfg` (a composed config). Returns the last step's record."""
+def run(cfg, on_backend=None) -> dict:
+    """Train according to `cfg` (a composed config). Returns the last step's record.
+    `on_backend(backend)` is called once the backend is built (gradcycle.sim's memory tracker)."""
     requested, where = cfg.precision, distributed.device_type(cfg.device)
     cfg = hardware.resolve_precision(cfg, where)  # auto: bf16 on CUDA that has it, else fp32
     validate(cfg)  # every user error before anything starts or is written
@@ -119,14 +120,14 @@ def run(cfg) -> dict:
     offload.check_host(cfg, env.world_size, env.local_world_size, where)
     for attempt in range(plan_auto.MAX_OOM_RETRIES + 1):
         try:
-            return _run(cfg, env, nodes)
+            return _run(cfg, env, nodes, on_backend)
         except plan_auto.FirstStepOOM as oom:
             failed = oom.detached()  # retried below, once this attempt's tensors are freed
         cfg = plan_auto.after_oom(cfg, env.world_size, nodes, failed, attempt)
     raise AssertionError("after_oom raises on the last attempt")
 
 
-def _run(cfg, env, nodes: int) -> dict:
+def _run(cfg, env, nodes: int, on_backend=None) -> dict:
     image = cfg.task == "image"  # image classification (gradcycle/vision): the same loop
     # backend.pp > 1: a pipeline's stages read the same data (their data-parallel replica's)
     data_env = data_parallel_env(cfg, env)
@@ -166,6 +167,8 @@ def _run(cfg, env, nodes: int) -> dict:
         for line in startup_plan.lines(cfg, make_model("meta"), env.world_size):
             print(line, flush=True)
     backend = build_backend(cfg, make_model, device, env.world_size, run_dir)
+    if on_backend is not None:  # gradcycle.simulate: its memory tracker sees the whole step
+        on_backend(backend)
     whole = backend.whole_model()  # every parameter (a pipeline rank holds one stage)
     n_params = count_params(whole)
     state = State()

@@ -58,6 +58,7 @@ def validate(cfg: Any, this_machine: bool = True) -> None:
     _one_of("train.on_nonfinite", cfg.train.on_nonfinite, ("skip", "halt"))
     _one_of("logging.wandb.mode", cfg.logging.wandb.mode, ("disabled", "offline", "online"))
     _one_of("plan.format", cfg.plan.format, ("text", "json"))
+    _one_of("simulate.format", cfg.simulate.format, ("text", "json"))
     if not (0 < cfg.plan.mfu <= 1 and 0 < cfg.plan.headroom <= 1):
         raise ValueError(
             f"plan.mfu={cfg.plan.mfu} and plan.headroom={cfg.plan.headroom} must be within (0, 1]"

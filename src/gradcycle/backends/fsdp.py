@@ -1,12 +1,18 @@
 """FSDP2 (`fully_shard`) and HSDP (FSDP2 on a replicate x shard mesh).
 
-Sharding plan: one FSDP unit per decoder layer plus the root (embeddings, final norm, head), so a
-model with L layers has U = L + 1 units; each unit all-gathers its parameters in one collective and
-reduce-scatters its gradients in one collective.
+Sharding plan (torchtitan's): the input embedding, each decoder layer, and the final norm with the
+output head are units of their own, so a model with L layers has U = L + 2 units (the root holds no
+parameter left); with tied embeddings the embedding, norm and head stay one root unit (U = L + 1).
+Each unit all-gathers its parameters in one collective and reduce-scatters its gradients in one.
+Why not one root unit for embedding and head: it would stay unsharded from its forward to the end
+of every backward, with the head's gradient (which the chunked loss computes in forward) beside
+it: for llama-70b with a 128k vocabulary 5.9 GiB per GPU at the peak, 17% of it (simulated,
+docs/planner.md). As units of their own, the embedding is resharded after its forward and the
+head unit right after its backward, which reduce-scatters the head's gradient at once.
 
 Accumulation boundary, per `backend.sync`:
 - per_micro (FSDP2's default): every micro-batch all-gathers each unit in forward, again in backward
-  (except the root, which keeps its parameters between forward and backward) and reduce-scatters
+  (except the norm + head unit, which backward needs first and keeps from its forward) and reduce-scatters
   each unit's gradient: K*(2U-1) all-gathers and K*U reduce-scatters per cycle.
 - per_cycle: units keep their parameters after forward (`reshard_after_forward=False`) and after
   the backward of every non-last micro-batch (`set_reshard_after_backward(last)`), and gradients
@@ -34,6 +40,7 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
@@ -105,18 +112,39 @@ def mp_policy(precision: str, reduce_dtype: str) -> MixedPrecisionPolicy:
 
 def shard_model(module: nn.Module, mesh, mp: MixedPrecisionPolicy, per_cycle: bool,
                 off: OffloadPolicy | None = None) -> list:  # fmt: skip
-    """Apply the sharding plan in place (bottom-up: layers, then the root). Returns the units.
+    """Apply the sharding plan in place, bottom-up. Returns the units that hold parameters, in
+    forward order (embedding, layers, norm + head; tied: layers, root).
 
     Works on a meta-device model: nothing is allocated, so the plan of a 70B model is cheap.
     """
     reshard = False if per_cycle else None  # None: FSDP2's default (True, root False)
     kw = {"mesh": mesh, "mp_policy": mp, "offload_policy": off or OffloadPolicy()}
+    embed, head = module.get_input_embeddings(), module.get_output_embeddings()
+    norm = getattr(getattr(module, "base_model", None), "norm", None)
+    apart = embed is not None and head is not None and head.weight is not embed.weight
     units = []
+    if apart:
+        fully_shard(embed, reshard_after_forward=reshard, **kw)
+        units.append(embed)
     for layer in decoder_layers(module):
         fully_shard(layer, reshard_after_forward=reshard, **kw)
         units.append(layer)
+    if apart:
+        # Backward starts here: kept from its forward (no re-gather), resharded after backward.
+        fully_shard([m for m in (norm, head) if m is not None], reshard_after_forward=False,
+                    **kw)  # fmt: skip
+        units.append(head)
     fully_shard(module, reshard_after_forward=reshard, **kw)
-    return [*units, module]
+    if any(True for _ in _own_parameters(module)):
+        units.append(module)
+    return units
+
+
+def _own_parameters(module: nn.Module):
+    """Parameters no FSDP unit below `module` has taken: what the root itself shards."""
+    taken = {id(p) for m in module.modules() if m is not module and isinstance(m, FSDPModule)
+             for p in m.parameters()}  # fmt: skip
+    return (p for p in module.parameters() if id(p) not in taken)
 
 
 def _init_single_process_group(device: torch.device) -> bool:
@@ -152,7 +180,10 @@ class FSDPBackend(TorchBackend):
         self.shape = mesh_shape(self.name, world, bc.replicate, nodes)
         self._owns_group = _init_single_process_group(device)
         names = ("shard",) if self.name == "fsdp" else ("replicate", "shard")
-        self.mesh = init_device_mesh(device.type, self.shape, mesh_dim_names=names)
+        # The mesh is host bookkeeping (rank tables): real tensors even under gradcycle.sim's
+        # FakeTensorMode, where it would otherwise have no values to find this rank in.
+        with unset_fake_temporarily():
+            self.mesh = init_device_mesh(device.type, self.shape, mesh_dim_names=names)
         self.mp = mp_policy(cfg.precision, bc.reduce_dtype)
         # backend.offload_param: CPUOffloadPolicy, shards and gradients in (pinned) host memory
         # and the optimizer step on the host; the shards are then allocated there
@@ -160,12 +191,13 @@ class FSDPBackend(TorchBackend):
         offload.before_build(cfg, device)
         module = make_model("meta")
         self.units = shard_model(module, self.mesh, self.mp, self.sync == "per_cycle", off)
+        self.layers = list(decoder_layers(module))
         with CommCounter.instance().suspended():  # start-up traffic is not a training step's
             home = torch.device("cpu") if off else device
             self.bytes_read = materialise(module, cfg.model, cfg.seed, home)
         if bc.compile:
             # After fully_shard, so FSDP's hooks stay outside the compiled regions.
-            for layer in self.units[:-1]:
+            for layer in self.layers:
                 layer.compile()
         super().__init__(cfg, module, module, device, world)
         offload.after_build(cfg, self.optimizer)
@@ -187,7 +219,7 @@ class FSDPBackend(TorchBackend):
         loss = super().eval_loss(batch, loss_fn)
         # A no-grad forward keeps what reshard_after_forward=False units (per_cycle; the root
         # always) gathered: free it, so the next cycle starts sharded, as after a step.
-        for unit in self.units:
+        for unit in [*self.units, self.model]:
             unit.reshard()
         return loss
 

@@ -92,9 +92,10 @@ def collectives(setup: Setup, gpus_per_node: int) -> list[Collective]:
         out.append(Collective("all_gather", "updated parameters", per_bucket, psi * n.param, w,
                               multi, "step"))  # fmt: skip
         return out
-    # fsdp / hsdp: U = L + 1 units; the root keeps its parameters from forward to backward
-    units, shard = s.layers + 1, setup.shard
-    root = s.shard_numel(s.root_tensors(), shard) * shard
+    # fsdp / hsdp: U = L + 2 units (tied: L + 1); the norm + head unit (tied: the root) keeps its
+    # parameters from forward to backward, every other unit is gathered again in backward
+    units, shard = s.fsdp_units, setup.shard
+    root = s.shard_numel(s.fsdp_kept(), shard) * shard
     total = s.model_shard(shard) * shard
     shard_multi = shard > gpus_per_node
     out = []

@@ -81,6 +81,20 @@ class Shape:
         return sum(r * c for r, c in self.layer_tensors())
 
     @property
+    def fsdp_units(self) -> int:
+        """FSDP units (backends/fsdp.py): embedding, layers, norm + head; tied: layers + root."""
+        return self.layers + (1 if self.tie else 2)
+
+    def fsdp_kept(self) -> list[tuple[int, int]]:
+        """The unit backward starts with, gathered from its forward to its backward and not
+        re-gathered: the final norm and the head (tied embeddings: the root, embedding too)."""
+        return self.root_tensors() if self.tie else self.root_tensors()[1:]
+
+    def fsdp_last(self) -> list[tuple[int, int]]:
+        """The unit whose backward ends the pass: the embedding (tied: the root)."""
+        return self.root_tensors() if self.tie else self.root_tensors()[:1]
+
+    @property
     def root_params(self) -> int:
         return sum(r * c for r, c in self.root_tensors())
 
@@ -315,19 +329,22 @@ def temporaries(setup: Setup) -> dict[str, float]:
             out["loss"] = out["layer"] = n.compute * (kept + head)
         return out
     unit = s.shard_numel(s.layer_tensors(), setup.shard) * setup.shard
-    root = s.shard_numel(s.root_tensors(), setup.shard) * setup.shard
+    kept = s.shard_numel(s.fsdp_kept(), setup.shard) * setup.shard
+    last = s.shard_numel(s.fsdp_last(), setup.shard) * setup.shard
     c, g = n.compute, n.reduce
-    # The root (embedding, head) stays gathered from forward to backward; layers are resharded
-    # after forward. In a layer's backward: that layer and the prefetched next one gathered (plus
-    # the all-gather copy-out), its gradient and the reduce-scatter input.
-    out["forward"] = out["loss"] = root * c
-    out["layer"] = root * c + unit * (3 * c + g)
-    out["end"] = root * (2 * c + g)
+    # The norm + head unit stays gathered from its forward to its own backward, the first one
+    # (tied: the root, to the end of backward); layers and the embedding are resharded after
+    # forward. In a layer's backward: that layer and the prefetched next one gathered (plus the
+    # all-gather copy-out), its gradient and the reduce-scatter input.
+    out["forward"] = out["loss"] = kept * c
+    through = s.tie or setup.sync == "per_cycle"  # still gathered in the layers' backward
+    out["layer"] = (kept * c if through else 0.0) + unit * (3 * c + g)
+    out["end"] = last * (2 * c + g)
     if setup.shard > 1:
         # every unit stays gathered, and gradients accumulate unsharded in the reduction dtype
         # instead of in the shards (which only the last micro-batch creates)
         local_grads = 4 * s.model_shard(setup.shard) if setup.accumulation > 1 else 0.0
-        out["per_cycle"] = psi * c - root * c + psi * g - local_grads
+        out["per_cycle"] = psi * c - kept * c + psi * g - local_grads
     return out
 
 
