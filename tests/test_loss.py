@@ -339,12 +339,13 @@ def test_planner_models_one_chunk_and_the_head_gradient():
 
 
 def test_planner_fits_a_larger_micro_batch():
-    """7B with full checkpointing on 8 x A100-40GB: the memory-bound micro-batch grows 16 -> 19
-    (32k vocabulary) and 5 -> 16 (a 128k vocabulary)."""
+    """7B with full checkpointing on 8 x A100-40GB: the memory-bound micro-batch grows 16 -> 20
+    (32k vocabulary) and 5 -> 18 (a 128k vocabulary). The layers' backward no longer holds the
+    gathered head (FSDP's norm + head unit is resharded after its own backward)."""
 
     def largest(impl: str, *extra: str) -> int:
         return max(c.micro for c, fits in _candidates(impl, range(1, 24), *extra) if fits)
 
-    assert (largest("full"), largest("chunked")) == (16, 19)
+    assert (largest("full"), largest("chunked")) == (16, 20)
     big = "model.vocab_size=128256"
-    assert (largest("full", big), largest("chunked", big)) == (5, 16)
+    assert (largest("full", big), largest("chunked", big)) == (5, 18)

@@ -119,7 +119,7 @@ def shard_model(module: nn.Module, mesh, mp: MixedPrecisionPolicy, per_cycle: bo
     """
     reshard = False if per_cycle else None  # None: FSDP2's default (True, root False)
     kw = {"mesh": mesh, "mp_policy": mp, "offload_policy": off or OffloadPolicy()}
-    embed, head = module.get_input_embeddings(), module.get_output_embeddings()
+    embed, head = _embeddings(module)
     norm = getattr(getattr(module, "base_model", None), "norm", None)
     apart = embed is not None and head is not None and head.weight is not embed.weight
     units = []
@@ -138,6 +138,15 @@ def shard_model(module: nn.Module, mesh, mp: MixedPrecisionPolicy, per_cycle: bo
     if any(True for _ in _own_parameters(module)):
         units.append(module)
     return units
+
+
+def _embeddings(module: nn.Module) -> tuple:
+    """(input, output) embeddings of a language model; (None, None) for an image model, whose
+    transformers class raises instead of returning None."""
+    try:
+        return module.get_input_embeddings(), module.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None, None
 
 
 def _own_parameters(module: nn.Module):
