@@ -259,6 +259,7 @@ def _run(cfg, env, nodes: int, on_backend=None) -> dict:
             dt = time.perf_counter() - t0
             record = step_record(state, plan, cfg, env, loss, result, (n_inputs, n_targets), dt, lr,
                              fpt, device, comm_counts, cycle.wait_s)  # fmt: skip
+            record.update(backend.cycle_metrics())
             split = profiler.stop()
             if split is not None:
                 record["profile"] = split

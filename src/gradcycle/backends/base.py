@@ -84,6 +84,11 @@ class Backend:
     def sync_plan(self, k: int) -> SyncPlan:
         raise NotImplementedError
 
+    def cycle_metrics(self) -> dict:
+        """Fields this backend adds to the last cycle's metrics record, read after step() (its
+        host sync); the pipeline's measured bubble."""
+        return {}
+
     def whole_model(self) -> nn.Module:
         """A module with every parameter of the model (its shapes are what checkpoints record):
         `module`, except where each rank holds only a part (pipeline stages)."""

@@ -21,10 +21,13 @@ cycle; backend=fsdp shards it (FSDP2 unit per layer, the stage's rest its root),
 reduce-scatters once per step whatever K (PipelineStage turns gradient sync off per micro-batch);
 backend=hsdp likewise on a (pp, replicate, shard) mesh.
 
-Supported: Llama-family decoders (embed_tokens / layers / norm / rotary_emb / lm_head), untied
-embeddings, schedules gpipe | 1f1b | interleaved_1f1b | looped_bfs. Refused with a message:
-zero*, tied embeddings, zero-bubble schedules (their separate weight-gradient pass
-re-enters the chunked loss), fp16, document masking.
+Supported: Llama-family decoders (embed_tokens / layers / norm / rotary_emb / lm_head), tied or
+untied embeddings (tied: the first and last stage each hold the weight; its gradient is summed
+between them once per cycle and counted once in the norm), schedules gpipe | 1f1b |
+interleaved_1f1b | looped_bfs | interleaved_zb (zero bubble: loss.impl=full). Refused with a
+message: zero*, V-shaped schedules (zbv, dualpipev), the chunked loss under a zero-bubble schedule
+(its separate weight-gradient pass re-enters the loss, whose gradients are made in forward), fp16,
+document masking.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from torch import nn
 
 from gradcycle.backends.base import SyncPlan, TorchBackend
 from gradcycle.backends.pipeline_checks import SCHEDULES
+from gradcycle.backends.pipeline_clock import ComputeClock
 from gradcycle.data import IGNORE_INDEX
 from gradcycle.model import decoder_layers
 
@@ -63,22 +67,28 @@ class _Absent(nn.Module):
 _LLAMA_PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
 
 
+def tied(model: nn.Module) -> bool:
+    return bool(getattr(model.config, "tie_word_embeddings", False))
+
+
 def prune(model: nn.Module, owned: list[int], first: bool, last: bool) -> None:
-    """Keep only this rank's layers (and the embedding / norm / head if it owns them), in place."""
+    """Keep only this rank's layers (and the embedding / norm / head if it owns them), in place.
+    Tied embeddings: the last stage keeps the embedding module too, the head's weight under its
+    pp=1 name (model.embed_tokens.weight), so init, checkpoints and export see one tensor."""
     base = getattr(model, "model", None)
     if base is None or not all(hasattr(base, p) for p in _LLAMA_PARTS):
         raise ValueError(
             f"backend.pp > 1 splits Llama-family decoders (model.embed_tokens, model.layers, "
             f"model.norm, model.rotary_emb); {type(model).__name__} is not one: use backend.pp=1"
         )
-    if model.get_output_embeddings() is None or getattr(model.config, "tie_word_embeddings", 0):
-        raise ValueError(f"{type(model).__name__} ties its input and output embeddings: not "
-                         "supported with backend.pp > 1 yet; use backend.pp=1")  # fmt: skip
+    if model.get_output_embeddings() is None:
+        raise ValueError(f"{type(model).__name__} has no output head (get_output_embeddings): "
+                         "backend.pp > 1 needs one on the last stage; use backend.pp=1")  # fmt: skip
     layers = decoder_layers(model)
     for i in range(len(layers)):
         if i not in owned:
             layers[i] = _Absent()
-    if not first:
+    if not first and not (last and tied(model)):
         base.embed_tokens = None
     if not last:
         base.norm = None
@@ -113,6 +123,9 @@ class StageModule(nn.Module):
         self.__dict__["config"] = model.config
         self.rotary = base.rotary_emb
         self.embed = base.embed_tokens if first else None
+        # tied, last stage only: registered so FSDP shards the embedding's reference to the
+        # head's weight as well (the forward does not use it)
+        self.tied_embed = base.embed_tokens if last and not first and tied(model) else None
         self.layers = nn.ModuleList([decoder_layers(model)[i] for i in layers])
         self.norm = base.norm if last else None
         self.lm_head = model.lm_head if last else None  # registered: a stage parameter
@@ -199,8 +212,14 @@ class PipelineBackend(TorchBackend):
                 fully_shard(stage, mesh=self.dp_mesh, mp_policy=self.mp)
         with CommCounter.instance().suspended():
             materialise(module, cfg.model, cfg.seed, device)  # this rank's weights, by name
+        if tied(module) and module.lm_head is not None and module.model.embed_tokens is not None:
+            module.lm_head.weight = module.model.embed_tokens.weight  # to_empty splits a tie
+        self._tied_group = self._tied_stages_group(module)
         self.pipe = [pipelining.PipelineStage(m, s, n_stages, device, group=self.pp_group)
                      for m, s in zip(self.stages, self.stage_ids, strict=True)]  # fmt: skip
+        self.clock = ComputeClock(device)  # the measured bubble (metrics: pp_bubble_measured)
+        for stage in self.pipe:
+            self.clock.wrap(stage)
         self._schedule_cls = getattr(pipelining, SCHEDULES[b.pp_schedule])
         self._schedules: dict[int, object] = {}  # by K (a schedule is built for one K)
         self.has_first = 0 in self.stage_ids
@@ -208,6 +227,23 @@ class PipelineBackend(TorchBackend):
         # whole cycle's N, so its backward is scaled back into a sum (and the logged loss not).
         self.loss_scale = float(self.dp) if self.fsdp else 1.0
         super().__init__(cfg, module, module, device, world)
+
+    def _tied_stages_group(self, module: nn.Module):
+        """Tied embeddings: the first and the last stage of each data-parallel slice each hold the
+        weight (Megatron's embedding group); its gradient is summed over the two once per cycle.
+        Returns this rank's group, or None where it holds no tied weight."""
+        if not tied(module):
+            return None
+        mine = None
+        for d in range(self.dp):  # every rank creates every group, in the same order
+            pair = [d, (self.pp - 1) * self.dp + d]  # pp ranks 0 and pp-1 (looped placement)
+            group = dist.new_group(pair)
+            mine = group if dist.get_rank() in pair else mine
+        return mine
+
+    def _tied_weight(self):
+        embed = self.module.model.embed_tokens
+        return None if self._tied_group is None or embed is None else embed.weight
 
     def _schedule(self, k: int):
         if k not in self._schedules:
@@ -231,14 +267,22 @@ class PipelineBackend(TorchBackend):
         losses: list = []
         args = (whole["input_ids"],) if self.has_first else ()
         with regions[0], self._autocast():
-            self._schedule(len(batches)).step(
+            self.clock.around_step(
+                self._schedule(len(batches)).step,
                 *args, target=whole["labels"], losses=losses,
                 position_ids=whole["position_ids"], labels=whole["labels"],
             )  # fmt: skip
         self._reduce_data_parallel()
+        tied_weight = self._tied_weight()
+        if tied_weight is not None:
+            grad = tied_weight.grad
+            dist.all_reduce(getattr(grad, "_local_tensor", grad), group=self._tied_group)
         if not losses:  # not the last stage: its loss is counted where it is computed
             return torch.zeros((), device=self.device)
         return torch.stack([x.detach().reshape(()) for x in losses]).sum() / self.loss_scale
+
+    def cycle_metrics(self) -> dict:
+        return self.clock.take()
 
     def _reduce_data_parallel(self) -> None:
         """SUM (the loss is already normalised by the whole cycle's N) across replicas, once."""
@@ -255,7 +299,10 @@ class PipelineBackend(TorchBackend):
     def _clip(self, max_norm: float) -> torch.Tensor:
         """The norm over all stages (each parameter lives on one stage; replicas are equal)."""
         params = [p for p in self.module.parameters() if p.grad is not None]
-        local = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else None
+        # a tied weight lives on the first and the last stage: counted once, on the first
+        twice = self._tied_weight() if not self.has_first else None
+        counted = [p.grad for p in params if p is not twice]
+        local = torch.nn.utils.get_total_norm(counted) if counted else None
         if hasattr(local, "full_tensor"):  # FSDP shards: the norm over the dp ranks
             local = local.full_tensor()
         sq = (local.double() ** 2) if local is not None else torch.zeros((), dtype=torch.float64)

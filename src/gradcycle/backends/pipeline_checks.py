@@ -9,9 +9,11 @@ SCHEDULES = {  # backend.pp_schedule -> torch.distributed.pipelining class
     "1f1b": "Schedule1F1B",
     "interleaved_1f1b": "ScheduleInterleaved1F1B",
     "looped_bfs": "ScheduleLoopedBFS",
+    "interleaved_zb": "ScheduleInterleavedZeroBubble",
 }
-MULTI = ("interleaved_1f1b", "looped_bfs")  # more than one stage per rank (pp_virtual > 1)
-NOT_YET = ("zbv", "dualpipev", "interleaved_zb")  # refused for now
+MULTI = ("interleaved_1f1b", "looped_bfs", "interleaved_zb")  # several stages per rank (v > 1)
+ZERO_BUBBLE = ("interleaved_zb",)  # backward split into an input pass and a weight pass
+NOT_YET = ("zbv", "dualpipev")  # V-shaped stage placement: refused for now
 
 
 def check_config(cfg) -> None:
@@ -31,9 +33,17 @@ def check_config(cfg) -> None:
                          f"{', '.join(choices)}")  # fmt: skip
     if b.pp_schedule in NOT_YET:
         raise ValueError(
-            f"backend.pp_schedule={b.pp_schedule}: zero-bubble schedules run a separate "
-            "weight-gradient pass that gradcycle's chunked loss and stage split do not support "
-            "yet; use backend.pp_schedule=1f1b, gpipe, interleaved_1f1b or looped_bfs"
+            f"backend.pp_schedule={b.pp_schedule} places stages in a V (rank r holds stages r "
+            "and 2p-1-r), which gradcycle's stage split does not do yet; use "
+            "backend.pp_schedule=interleaved_zb (zero bubble, looped placement), 1f1b, gpipe, "
+            "interleaved_1f1b or looped_bfs"
+        )
+    if b.pp_schedule in ZERO_BUBBLE and cfg.loss.impl != "full":
+        raise ValueError(
+            f"backend.pp_schedule={b.pp_schedule} with loss.impl={cfg.loss.impl}: a zero-bubble "
+            "schedule runs the weight gradients in a second backward pass, and the chunked loss "
+            "computes its gradients once, in forward; use loss.impl=full, or "
+            "backend.pp_schedule=interleaved_1f1b"
         )
     if b.name.startswith("zero"):
         raise ValueError(f"backend.pp={b.pp} with backend={b.name}: DeepSpeed's own pipeline "
@@ -55,9 +65,6 @@ def check_config(cfg) -> None:
                 f"backend.pp_virtual={b.pp_virtual} = {stages} equal stages: choose pp x "
                 f"pp_virtual dividing {layers}"
             )
-        if cfg.model.tie_embeddings:
-            raise ValueError("model.tie_embeddings=true with backend.pp > 1: tied embeddings "
-                             "across stages are not supported yet; use backend.pp=1")  # fmt: skip
     for bad, why in ((cfg.precision == "fp16", "precision=fp16 (its loss scaler would have to "
                       "decide across stages): use precision=bf16"),
                      (cfg.data.document_mask, "data.document_mask=true (per-document masks do "
@@ -90,14 +97,14 @@ def check_plan(cfg, k: int, world: int) -> None:
                          f"not divide the {world // b.pp} ranks of each stage (world {world} / pp); "
                          "choose a backend.replicate dividing them")  # fmt: skip
     rounds = max(1, k // b.pp)
-    if b.pp_schedule == "interleaved_1f1b" and k % rounds:
-        raise ValueError(f"backend.pp_schedule=interleaved_1f1b needs K divisible by "
+    if b.pp_schedule in ("interleaved_1f1b", "interleaved_zb") and k % rounds:
+        raise ValueError(f"backend.pp_schedule={b.pp_schedule} needs K divisible by "
                          f"max(1, K // pp) = {rounds}, got K={k}: use K a multiple of pp={b.pp}")  # fmt: skip
 
 
 def _check_architecture(cfg, stages: int) -> None:
-    """model.config / a local model.pretrained: a Llama decoder (the stage split's shape), untied,
-    its layers splitting into equal stages. (A hub id is checked when the stages are built.)"""
+    """model.config / a local model.pretrained: a Llama decoder (the stage split's shape), its
+    layers splitting into equal stages. (A hub id is checked when the stages are built.)"""
     import json
     from pathlib import Path
 
@@ -116,9 +123,6 @@ def _check_architecture(cfg, stages: int) -> None:
     if kind != "llama":
         raise ValueError(f"backend.pp={cfg.backend.pp} splits Llama decoders into stages; {where} "
                          f"is model_type={kind!r}, not supported with pp yet: use backend.pp=1")  # fmt: skip
-    if config.get("tie_word_embeddings"):
-        raise ValueError(f"{where} ties its input and output embeddings: not supported with "
-                         "backend.pp > 1 yet; use backend.pp=1")  # fmt: skip
     if layers is not None and layers % stages:
         raise ValueError(f"{where} has {layers} layers: they do not split into backend.pp x "
                          f"backend.pp_virtual = {stages} equal stages; choose pp x pp_virtual "

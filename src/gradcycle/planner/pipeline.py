@@ -3,7 +3,8 @@
 Pure arithmetic (no torch), for p stages (ranks), v stages per rank, K micro-batches per cycle
 (the cycle's micro-batches are the pipeline's: backends/pipeline.py):
 
-- bubble: every schedule here fills and drains the pipeline once per cycle: (p - 1) idle slots
+- bubble: every schedule here (interleaved_zb: an upper bound; its deferred weight passes fill
+  part of the drain) fills and drains the pipeline once per cycle: (p - 1) idle slots
   of one stage-chunk beside v·K busy ones, so the idle share of the step is (p-1) / (v·K + p-1)
   (the (p-1)/(v·K) of the literature is the same idle time relative to the busy time).
 - activations: GPipe runs all K forwards before any backward, so every stage holds K
@@ -39,7 +40,9 @@ def in_flight(schedule: str, p: int, k: int, stage: int, v: int = 1) -> int:
         return k * v
     if schedule == "1f1b":
         return min(k, p - stage)
-    if schedule in ("interleaved_1f1b", "looped_bfs"):
+    if schedule in ("interleaved_1f1b", "looped_bfs", "interleaved_zb"):
+        # interleaved_zb warms up (p-1-s) fewer forwards than interleaved 1F1B but holds as many
+        # micro-batches' inputs for the weight passes it defers: the same count
         if schedule == "looped_bfs":  # all of a chunk's forwards before its backwards
             return k * v
         per_round = k // max(1, k // p)
