@@ -5,13 +5,13 @@ pp=1 on one process with the same global batch. With perfect overlap a stage com
 pp=1 step's work, so the measured bubble is 1 - (t_pp1 / p) / t_pp (it also carries the p2p
 copies and the per-step schedule overhead); `in-step` is rank 0's own record, 1 - its stage
 compute / the schedule step (backends/pipeline_clock.py), which needs no second run; the planner's is (p-1) / (v·K + p-1)
-(gradcycle/planner/pipeline.py; for interleaved_zb an upper bound). loss.impl=full everywhere
+(gradcycle/planner/pipeline.py; for the zero-bubble schedules an upper bound). loss.impl=full everywhere
 (what the zero-bubble schedule needs). Packed rows (no padding), so both runs compute the same tokens.
 Medians over the steps after the first. On a busy 2-core machine the numbers are noisy; the
 trend in K is the point.
 
-    python bench/pipeline.py            # K = 2..16, gpipe / 1f1b / interleaved_1f1b / _zb (v=2)
-    python bench/pipeline.py --schedules 1f1b,interleaved_zb
+    python bench/pipeline.py            # K = 2..16, gpipe / 1f1b / interleaved_1f1b / _zb / zbv (v=2)
+    python bench/pipeline.py --schedules 1f1b,interleaved_zb,zbv
     python bench/pipeline.py --smoke    # K = 2, 4; 1f1b only; a few seconds of steps
 """
 
@@ -35,6 +35,7 @@ SCHEDULES = {
     "1f1b": [],
     "interleaved_1f1b": ["backend.pp_virtual=2"],
     "interleaved_zb": ["backend.pp_virtual=2"],
+    "zbv": ["backend.pp_virtual=2"],
 }
 LOSS = ["loss.impl=full"]  # every row and pp=1 alike: the zero-bubble schedule needs it
 P = 2

@@ -29,6 +29,8 @@ SCHEDULES = {
         "loss.impl=full",
         "activation_checkpointing.mode=full",
     ],
+    # V placement: rank 0 holds stages 0 and 3, rank 1 stages 1 and 2 (a local boundary)
+    "dualpipev": ["backend.pp_schedule=dualpipev", "backend.pp_virtual=2", "loss.impl=full"],
 }
 
 
@@ -92,13 +94,15 @@ def test_pipelined_steps_equal_one_process_for_every_schedule(tmp_path):
 def test_tied_embeddings_across_stages(tmp_path):
     """Tied: stage 0's embedding and the last stage's head are one weight on two ranks; its two
     gradients are summed once per cycle and counted once in the norm. Equal to one process for
-    1f1b, interleaved_1f1b and pp2 x fsdp2; a tied pp=2 checkpoint resumes in one process and
-    exports to the one-process model's logits."""
+    1f1b, interleaved_1f1b and pp2 x fsdp2; under zbv (V placement) rank 0 holds both stages and
+    one shared parameter. A tied pp=2 checkpoint resumes in one process and exports to the
+    one-process model's logits."""
     tie = [*BASE, "model.tie_embeddings=true"]
     reference = train_steps(tmp_path / "ref", [*tie, "checkpoint.every=2"])
     two = {
         "tied 1f1b": ["checkpoint.every=2"],
         "tied interleaved_1f1b": SCHEDULES["interleaved_1f1b"],
+        "tied zbv": ["backend.pp_schedule=zbv", "backend.pp_virtual=2", "loss.impl=full"],
     }
     jobs = [
         (str(tmp_path / f"two{i}"), [*tie, "backend.pp=2", *o]) for i, o in enumerate(two.values())
@@ -110,10 +114,11 @@ def test_tied_embeddings_across_stages(tmp_path):
         tmp_path / "resumed", [*tie, f"resume={tmp_path}/two0/checkpoints/step_2"]
     )
     results["tied pp2 -> pp1 resume"] = resumed
+    full = train_steps(tmp_path / "ref-full", [*tie, "loss.impl=full"])
     for name, steps in results.items():
         assert isinstance(steps, list), (name, steps.text)
         for got in steps:
-            want = reference[got["step"] - 1]
+            want = (full if "zbv" in name else reference)[got["step"] - 1]
             assert _rel(got["loss"], want["loss"]) < 1e-5, (name, got["loss"], want["loss"])
             assert _rel(got["grad_norm"], want["grad_norm"]) < 1e-5, (name, got, want)
     assert [r["step"] for r in resumed] == [3]
@@ -125,8 +130,9 @@ def _bubble_measured(results) -> None:
     """Rank 0 times every compute chunk the schedule runs on it: K forwards and K backwards per
     stage it holds, and under zero bubble K deferred weight passes more; the rest of the step is
     the measured bubble (bench/pipeline.py sets it beside the formula)."""
+    # dualpipev (torch's order for p=2, K=4): 8 forwards, 5 full backwards, 3 input + 3 weight
     chunks = {"gpipe": 8, "1f1b": 8, "interleaved_1f1b": 16, "looped_bfs": 16,
-              "interleaved_zb": 24}  # fmt: skip
+              "interleaved_zb": 24, "dualpipev": 19}  # fmt: skip
     for name, want in chunks.items():
         steps = results[name]
         assert isinstance(steps, list), steps.text
@@ -139,22 +145,26 @@ def _bubble_measured(results) -> None:
 def _p2p_counted_as_planned(results) -> None:
     """Rank 0 (stage 0 of pp=2, K=4) sends each micro-batch's activations and receives their
     gradient: 2K calls of micro x seq x hidden fp32, 2K(p·v - 1) with v=2 (it is on all three
-    boundaries); the planner's p2p bytes per step are the same. Step 1 adds the stages' shape
+    boundaries), 2K·2 under the V placement (stages 0 and 3: the 1 -> 2 boundary is rank 1's,
+    local); the planner's p2p bytes per step are the same. Step 1 adds the stages' shape
     probe (send_object_list: size and pickled metadata), so steps 2 and 3 are compared."""
     from gradcycle.planner.plan import make_plan
 
     cfg = compose([*TINY, *BASE, "backend.pp=2", "hardware=cpu"])
     per_call = 2 * 128 * cfg.model.hidden_size * 4
     planned = make_plan(cfg, world=2, nodes=1, searches=False).configured
-    for name, boundaries in (("1f1b", 1), ("gpipe", 1), ("interleaved_1f1b", 3)):
+    for name, boundaries in (("1f1b", 1), ("gpipe", 1), ("interleaved_1f1b", 3), ("dualpipev", 2)):
         steps = results[name]
         assert isinstance(steps, list), steps.text
         p2p = [r["comm"]["point_to_point"] for r in steps]
         assert p2p[1:] == [{"calls": 8 * boundaries, "bytes": 8 * boundaries * per_call}] * 2, p2p
         assert p2p[0]["calls"] > p2p[1]["calls"]  # the shape probe
-        v = 2 if boundaries == 3 else 1
+        v = 1 if boundaries == 1 else 2
         assert [r["pp_bubble"] for r in steps] == [plan_pp.bubble_fraction(2, 4, v)] * 3
     assert plan_pp.p2p_bytes_per_step(planned.setup) == 8 * per_call  # = rank 0's at p = 2
+    v_cfg = compose([*TINY, *BASE, *SCHEDULES["dualpipev"], "backend.pp=2", "hardware=cpu"])
+    v_plan = make_plan(v_cfg, world=2, nodes=1, searches=False).configured
+    assert plan_pp.p2p_bytes_per_step(v_plan.setup) == 16 * per_call
 
 
 def _export_loads_with_equal_logits(pipelined, single) -> None:
@@ -176,7 +186,22 @@ def _export_loads_with_equal_logits(pipelined, single) -> None:
     "overrides, message",
     [
         (["backend.pp=2", "backend=zero2"], "PipelineModule"),
-        (["backend.pp=2", "backend.pp_schedule=zbv"], "places stages in a V"),
+        (["backend.pp=2", "backend.pp_schedule=zbv", "loss.impl=full"], "exactly two stages"),
+        (
+            ["backend.pp=2", "backend.pp_schedule=zbv", "backend.pp_virtual=2"],
+            "use loss.impl=full",
+        ),
+        (
+            [
+                "backend.pp=2",
+                "backend.pp_schedule=dualpipev",
+                "backend.pp_virtual=2",
+                "loss.impl=full",
+                "model.tie_embeddings=true",
+                "backend=fsdp",
+            ],
+            "FSDP2 cannot shard",
+        ),
         (
             ["backend.pp=2", "backend.pp_schedule=interleaved_zb", "backend.pp_virtual=2"],
             "use loss.impl=full",
@@ -212,6 +237,11 @@ def test_plan_checks_k_and_world():
     with pytest.raises(ValueError, match="divisible by max"):
         check_plan(cfg, 9, 4)  # rounds = 9 // 4 = 2 does not divide 9
     check_plan(cfg, 10, 4)
+    v = compose([*TINY, "model.num_layers=8", "backend.pp=2", "backend.pp_virtual=2",
+                 "backend.pp_schedule=dualpipev", "loss.impl=full"])  # fmt: skip
+    with pytest.raises(ValueError, match="dualpipev needs K >= 2 x backend.pp = 4 .* got K=3"):
+        check_plan(v, 3, 2)
+    check_plan(v, 4, 2)
     assert list(stage_layers(8, 4, 3)) == [6, 7]
 
 
@@ -230,6 +260,49 @@ def test_planner_bubble_and_stage_memory_by_hand():
     stages = plan_pp.stage_plans("1f1b", 4, 8, 1, n_layers=32, layer_bytes=100.0)
     assert [(s.layers, s.in_flight, s.activation_bytes) for s in stages] == [
         (8, 4, 3200.0), (8, 3, 2400.0), (8, 2, 1600.0), (8, 1, 800.0)]  # fmt: skip
+
+
+def _torch_peak(schedule: str, p: int, k: int, v: int, rank: int) -> int:
+    """Peak of chunk-forwards rank `rank` holds in torch's own schedule order: a forward holds
+    its activations until its full backward, or under zero bubble until its weight pass. The
+    order is what each schedule computes for every rank at construction; it needs no stages."""
+    from torch.distributed.pipelining import schedules
+
+    from gradcycle.backends.pipeline_checks import SCHEDULES as CLASSES
+
+    order = object.__new__(getattr(schedules, CLASSES[schedule]))
+    order.pp_group_size, order._n_microbatches, order.n_local_stages = p, k, v
+    order._num_stages = order.num_stages = p * v
+    order.number_of_rounds = max(1, k // p)
+    order.microbatches_per_round = k // order.number_of_rounds
+    held = peak = 0
+    for action in order._calculate_single_rank_operations(rank):
+        for a in (action.sub_actions or (action,)) if action is not None else ():
+            if a.computation_type == schedules.FORWARD:
+                held += 1
+            elif a.computation_type in (schedules.FULL_BACKWARD, schedules.BACKWARD_WEIGHT):
+                held -= 1
+            peak = max(peak, held)
+    return peak
+
+
+@pytest.mark.parametrize("schedule", ["interleaved_1f1b", "interleaved_zb", "zbv", "dualpipev"])
+def test_planner_in_flight_is_the_peak_of_torchs_schedule(schedule):
+    for p in (2, 4, 8):
+        for k in (p, 2 * p, 4 * p):
+            if schedule == "dualpipev" and k < 2 * p:
+                continue  # refused (check_plan)
+            got = [plan_pp.in_flight(schedule, p, k, r, 2) for r in range(p)]
+            assert got == [_torch_peak(schedule, p, k, 2, r) for r in range(p)], (p, k)
+
+
+def test_v_placement_by_hand():
+    # p=4: rank r holds stages r and 7-r; rank 0 the first and the last (embedding and head)
+    assert [plan_pp.rank_stages(4, 2, r, "zbv") for r in range(4)] == [[0, 7], [1, 6], [2, 5],
+                                                                      [3, 4]]  # fmt: skip
+    assert plan_pp.owned_layers(16, 4, 2, 1, "zbv") == [2, 3, 12, 13]
+    assert plan_pp.stage_owner(4, 2, 7, "dualpipev") == 0
+    assert plan_pp.stage_owner(4, 2, 7, "interleaved_1f1b") == 3  # looped: stage 7 on rank 3
 
 
 def test_model_config_architectures_are_checked_before_start(tmp_path):

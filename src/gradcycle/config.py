@@ -145,8 +145,9 @@ class BackendConfig:
     reduce_dtype: str = "fp32"
     compile: bool = False
     pp: int = 1  # pipeline stages (backends/pipeline.py) with ddp/fsdp/hsdp; mesh pp x dp
-    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | looped_bfs | interleaved_zb
-    pp_virtual: int = 1  # stages per rank (interleaved_1f1b, looped_bfs, interleaved_zb: >= 2)
+    # gpipe | 1f1b | interleaved_1f1b | looped_bfs | interleaved_zb | zbv | dualpipev
+    pp_schedule: str = "1f1b"
+    pp_virtual: int = 1  # stages per rank (interleaved*, looped_bfs: >= 2; zbv, dualpipev: 2)
     dist_timeout_s: int = 300  # a dead rank makes the others fail after this, never hang
     startup_timeout_s: int = 1800  # the same bound for build/init/load, resume, checkpoint writes
 

@@ -1,8 +1,9 @@
 """Pipeline parallelism (`backend.pp` > 1): the cycle's K micro-batches ARE the pipeline's.
 
 The world is a (pp, dp) mesh, pp outermost: rank = pp_rank * dp + dp_rank. Each rank holds
-`backend.pp_virtual` (v) stages of the decoder (stage ids pp_rank + c*pp, the looped placement),
-the first stage also the embedding, the last also the final norm and the output head. One
+`backend.pp_virtual` (v) stages of the decoder (stage ids pp_rank + c*pp, the looped placement;
+under the V schedules zbv / dualpipev stages r and 2p-1-r), the first stage also the embedding,
+the last also the final norm and the output head. One
 `run_cycle` is one step of a `torch.distributed.pipelining` schedule over all K micro-batches.
 
 Exactness (the same contract as every backend): the last stage computes the trainer's own loss
@@ -22,12 +23,13 @@ reduce-scatters once per step whatever K (PipelineStage turns gradient sync off 
 backend=hsdp likewise on a (pp, replicate, shard) mesh.
 
 Supported: Llama-family decoders (embed_tokens / layers / norm / rotary_emb / lm_head), tied or
-untied embeddings (tied: the first and last stage each hold the weight; its gradient is summed
-between them once per cycle and counted once in the norm), schedules gpipe | 1f1b |
-interleaved_1f1b | looped_bfs | interleaved_zb (zero bubble: loss.impl=full). Refused with a
-message: zero*, V-shaped schedules (zbv, dualpipev), the chunked loss under a zero-bubble schedule
-(its separate weight-gradient pass re-enters the loss, whose gradients are made in forward), fp16,
-document masking.
+untied embeddings (tied, looped placement: the first and last stage each hold the weight; its
+gradient is summed between them once per cycle and counted once in the norm; V placement: rank 0
+holds both stages and one shared parameter), schedules gpipe | 1f1b | interleaved_1f1b |
+looped_bfs | interleaved_zb | zbv | dualpipev (the last three zero bubble: loss.impl=full).
+Refused with a message: zero*, the chunked loss under a zero-bubble schedule (its separate
+weight-gradient pass re-enters the loss, whose gradients are made in forward), tied embeddings
+under a V schedule with fsdp/hsdp, fp16, document masking.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from gradcycle.backends.pipeline_checks import SCHEDULES
 from gradcycle.backends.pipeline_clock import ComputeClock
 from gradcycle.data import IGNORE_INDEX
 from gradcycle.model import decoder_layers
+from gradcycle.planner.pipeline import V_SHAPED, rank_stages, stage_owner
 
 
 def data_parallel(pp: int, rank: int, world: int) -> tuple[int, int]:
@@ -117,15 +120,17 @@ class StageModule(nn.Module):
     """One pipeline stage: its layers of the rank's (pruned) HF model, run in order. Registers
     only its own modules, so `parameters()` are the stage's (what PipelineStage reduces)."""
 
-    def __init__(self, model: nn.Module, layers: range, first: bool, last: bool):
+    def __init__(self, model: nn.Module, layers: range, first: bool, last: bool,
+                 embed_elsewhere: bool = True):  # fmt: skip
         super().__init__()
         base = model.model
         self.__dict__["config"] = model.config
         self.rotary = base.rotary_emb
         self.embed = base.embed_tokens if first else None
-        # tied, last stage only: registered so FSDP shards the embedding's reference to the
-        # head's weight as well (the forward does not use it)
-        self.tied_embed = base.embed_tokens if last and not first and tied(model) else None
+        # tied, last stage only, where no stage of this rank embeds: registered so FSDP shards
+        # the embedding's reference to the head's weight as well (the forward does not use it)
+        mirror = last and not first and tied(model) and embed_elsewhere
+        self.tied_embed = base.embed_tokens if mirror else None
         self.layers = nn.ModuleList([decoder_layers(model)[i] for i in layers])
         self.norm = base.norm if last else None
         self.lm_head = model.lm_head if last else None  # registered: a stage parameter
@@ -188,7 +193,8 @@ class PipelineBackend(TorchBackend):
         self.pp_group = self.mesh.get_group("pp")
         self.pp_rank = dist.get_rank() // self.dp
         n_stages = self.pp * self.v
-        self.stage_ids = [self.pp_rank + c * self.pp for c in range(self.v)]
+        self.schedule_name = b.pp_schedule
+        self.stage_ids = rank_stages(self.pp, self.v, self.pp_rank, b.pp_schedule)
         self._whole = make_model("meta")  # shapes only (checkpoint metadata): nothing allocated
         module = make_model("meta")
         n_layers = len(decoder_layers(module))
@@ -198,7 +204,8 @@ class PipelineBackend(TorchBackend):
         spans = {s: stage_layers(n_layers, n_stages, s) for s in self.stage_ids}
         owned = [i for s in self.stage_ids for i in spans[s]]
         prune(module, owned, 0 in self.stage_ids, n_stages - 1 in self.stage_ids)
-        self.stages = [StageModule(module, spans[s], s == 0, s == n_stages - 1)
+        self.stages = [StageModule(module, spans[s], s == 0, s == n_stages - 1,
+                                   embed_elsewhere=0 not in self.stage_ids)
                        for s in self.stage_ids]  # fmt: skip
         if self.fsdp:  # on meta: each layer a unit over the dp ranks, each stage's rest a root
             from torch.distributed.fsdp import fully_shard
@@ -220,7 +227,11 @@ class PipelineBackend(TorchBackend):
         self.clock = ComputeClock(device)  # the measured bubble (metrics: pp_bubble_measured)
         for stage in self.pipe:
             self.clock.wrap(stage)
-        self._schedule_cls = getattr(pipelining, SCHEDULES[b.pp_schedule])
+        self._schedule_cls = getattr(pipelining, SCHEDULES[b.pp_schedule], None)
+        if self._schedule_cls is None:
+            raise ValueError(f"backend.pp_schedule={b.pp_schedule}: this torch "
+                             f"({torch.__version__}) has no pipelining.{SCHEDULES[b.pp_schedule]}; "
+                             "choose another schedule or a newer torch")  # fmt: skip
         self._schedules: dict[int, object] = {}  # by K (a schedule is built for one K)
         self.has_first = 0 in self.stage_ids
         # FSDP averages gradients over the dp ranks; the loss is already normalised by the
@@ -231,8 +242,9 @@ class PipelineBackend(TorchBackend):
     def _tied_stages_group(self, module: nn.Module):
         """Tied embeddings: the first and the last stage of each data-parallel slice each hold the
         weight (Megatron's embedding group); its gradient is summed over the two once per cycle.
-        Returns this rank's group, or None where it holds no tied weight."""
-        if not tied(module):
+        Returns this rank's group, or None where it holds no tied weight (or, V placement, holds
+        both stages: one shared parameter, its two gradients accumulate in place)."""
+        if not tied(module) or self.schedule_name in V_SHAPED:
             return None
         mine = None
         for d in range(self.dp):  # every rank creates every group, in the same order
@@ -321,8 +333,9 @@ class PipelineBackend(TorchBackend):
         ranks = dist.get_process_group_ranks(self.pp_group)
         n_stages = self.pp * self.v
         shape = (*batch["input_ids"].shape, self.module.config.hidden_size)
+        owners = [stage_owner(self.pp, self.v, s, self.schedule_name) for s in range(n_stages)]
         for s in range(n_stages):
-            owner, nxt = s % self.pp, (s + 1) % self.pp
+            owner, nxt = owners[s], owners[(s + 1) % n_stages]
             if owner == self.pp_rank:
                 stage = self.stages[self.stage_ids.index(s)]
                 stage.loss_fn = loss_fn
@@ -363,11 +376,17 @@ class PipelineBackend(TorchBackend):
             return None
         return {k: v for part in parts for k, v in part.items()}
 
+    def _crossings(self) -> int:
+        n = self.pp * self.v
+        owner = [stage_owner(self.pp, self.v, s, self.schedule_name) for s in range(n)]
+        return sum(owner[s] != owner[s + 1] for s in range(n - 1))
+
     def sync_plan(self, k: int) -> SyncPlan:
         bubble = (self.pp - 1) / (self.v * k + self.pp - 1)
         rows = [("pipeline schedule", f"{self.cfg.backend.pp_schedule}, {self.pp} stages x "
                  f"{self.v} per rank, K={k} micro-batches, bubble {bubble:.1%}"),
-                ("activations sent per micro-batch", f"{self.pp * self.v - 1} stage boundaries")]  # fmt: skip
+                ("activations sent per micro-batch", f"{self._crossings()} stage boundaries "
+                 "between ranks")]  # fmt: skip
         if self.dp > 1 and self.fsdp:
             units = sum(len(st.layers) + 1 for st in self.stages)
             rows.append(("gradient reduce-scatter", f"{units}x per cycle (once per unit)"))

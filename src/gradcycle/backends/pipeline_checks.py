@@ -10,10 +10,12 @@ SCHEDULES = {  # backend.pp_schedule -> torch.distributed.pipelining class
     "interleaved_1f1b": "ScheduleInterleaved1F1B",
     "looped_bfs": "ScheduleLoopedBFS",
     "interleaved_zb": "ScheduleInterleavedZeroBubble",
+    "zbv": "ScheduleZBVZeroBubble",
+    "dualpipev": "ScheduleDualPipeV",
 }
-MULTI = ("interleaved_1f1b", "looped_bfs", "interleaved_zb")  # several stages per rank (v > 1)
-ZERO_BUBBLE = ("interleaved_zb",)  # backward split into an input pass and a weight pass
-NOT_YET = ("zbv", "dualpipev")  # V-shaped stage placement: refused for now
+V_SHAPED = ("zbv", "dualpipev")  # rank r holds stages r and 2p-1-r: exactly two per rank
+MULTI = ("interleaved_1f1b", "looped_bfs", "interleaved_zb", *V_SHAPED)  # v > 1 stages per rank
+ZERO_BUBBLE = ("interleaved_zb", *V_SHAPED)  # backward split into an input and a weight pass
 
 
 def check_config(cfg) -> None:
@@ -27,17 +29,13 @@ def check_config(cfg) -> None:
         raise ValueError(f"backend.pp={b.pp} with task={cfg.task}: pipeline stages split a "
                          "causal LM's decoder layers; image models train data-parallel: use "
                          "backend.pp=1")  # fmt: skip
-    choices = (*SCHEDULES, *NOT_YET)
-    if b.pp_schedule not in choices:
+    if b.pp_schedule not in SCHEDULES:
         raise ValueError(f"backend.pp_schedule={b.pp_schedule!r} is not valid: choose one of "
-                         f"{', '.join(choices)}")  # fmt: skip
-    if b.pp_schedule in NOT_YET:
-        raise ValueError(
-            f"backend.pp_schedule={b.pp_schedule} places stages in a V (rank r holds stages r "
-            "and 2p-1-r), which gradcycle's stage split does not do yet; use "
-            "backend.pp_schedule=interleaved_zb (zero bubble, looped placement), 1f1b, gpipe, "
-            "interleaved_1f1b or looped_bfs"
-        )
+                         f"{', '.join(SCHEDULES)}")  # fmt: skip
+    if b.pp_schedule in V_SHAPED and b.pp_virtual != 2:
+        raise ValueError(f"backend.pp_schedule={b.pp_schedule} places exactly two stages on each "
+                         f"rank (r and 2p-1-r), got backend.pp_virtual={b.pp_virtual}: set "
+                         "backend.pp_virtual=2")  # fmt: skip
     if b.pp_schedule in ZERO_BUBBLE and cfg.loss.impl != "full":
         raise ValueError(
             f"backend.pp_schedule={b.pp_schedule} with loss.impl={cfg.loss.impl}: a zero-bubble "
@@ -56,7 +54,15 @@ def check_config(cfg) -> None:
         raise ValueError(f"backend.pp_virtual={b.pp_virtual} needs an interleaved schedule: use "
                          "backend.pp_schedule=interleaved_1f1b or backend.pp_virtual=1")  # fmt: skip
     stages = b.pp * b.pp_virtual
-    _check_architecture(cfg, stages)
+    tied = _check_architecture(cfg, stages)
+    tied = cfg.model.tie_embeddings if tied is None else tied
+    if tied and b.pp_schedule in V_SHAPED and b.name in ("fsdp", "hsdp"):
+        raise ValueError(
+            f"backend.pp_schedule={b.pp_schedule} with tied embeddings and backend={b.name}: "
+            "rank 0 holds the first and the last stage, two FSDP roots sharing one weight, "
+            "which FSDP2 cannot shard twice; use backend=ddp, an interleaved schedule "
+            "(backend.pp_schedule=interleaved_zb), or model.tie_embeddings=false"
+        )
     if cfg.model.config is None and cfg.model.pretrained is None:
         layers = cfg.model.num_layers
         if layers % stages:
@@ -96,15 +102,20 @@ def check_plan(cfg, k: int, world: int) -> None:
         raise ValueError(f"backend=hsdp backend.pp={b.pp}: backend.replicate={b.replicate} does "
                          f"not divide the {world // b.pp} ranks of each stage (world {world} / pp); "
                          "choose a backend.replicate dividing them")  # fmt: skip
+    if b.pp_schedule == "dualpipev" and k < 2 * b.pp:
+        raise ValueError(f"backend.pp_schedule=dualpipev needs K >= 2 x backend.pp = {2 * b.pp} "
+                         f"micro-batches per cycle (one per stage), got K={k}: raise "
+                         "train.global_batch_size or lower train.micro_batch_size")  # fmt: skip
     rounds = max(1, k // b.pp)
     if b.pp_schedule in ("interleaved_1f1b", "interleaved_zb") and k % rounds:
         raise ValueError(f"backend.pp_schedule={b.pp_schedule} needs K divisible by "
                          f"max(1, K // pp) = {rounds}, got K={k}: use K a multiple of pp={b.pp}")  # fmt: skip
 
 
-def _check_architecture(cfg, stages: int) -> None:
+def _check_architecture(cfg, stages: int) -> bool | None:
     """model.config / a local model.pretrained: a Llama decoder (the stage split's shape), its
-    layers splitting into equal stages. (A hub id is checked when the stages are built.)"""
+    layers splitting into equal stages. (A hub id is checked when the stages are built.)
+    Returns whether its embeddings are tied, None where no config file says."""
     import json
     from pathlib import Path
 
@@ -118,7 +129,7 @@ def _check_architecture(cfg, stages: int) -> None:
         config = json.loads((Path(m.pretrained).expanduser() / "config.json").read_text())
         where = f"model.pretrained={m.pretrained}"
     else:
-        return
+        return None
     kind, layers = config.get("model_type"), config.get("num_hidden_layers")
     if kind != "llama":
         raise ValueError(f"backend.pp={cfg.backend.pp} splits Llama decoders into stages; {where} "
@@ -127,3 +138,4 @@ def _check_architecture(cfg, stages: int) -> None:
         raise ValueError(f"{where} has {layers} layers: they do not split into backend.pp x "
                          f"backend.pp_virtual = {stages} equal stages; choose pp x pp_virtual "
                          f"dividing {layers}")  # fmt: skip
+    return bool(config.get("tie_word_embeddings", False))
