@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum |
 CORE_VENV := .venv-core
 CORE_STAMP := $(CORE_VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 PIP_C := -c constraints.txt
+PYTEST_JOBS ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: setup train test core-check lint format lock clean slurm-start slurm-stop
@@ -38,8 +39,13 @@ train: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	# one thread per process: the suite runs 2-rank jobs on 2 cores
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	# one thread per process; two pytest workers (a module stays on one: its fixtures run once), so
+	# one worker's imports and single-process steps overlap the other's 2-rank jobs on 2 cores.
+	# PYTEST_JOBS=0 runs in this process (no workers).
+	# the core-dependency venv installs meanwhile (mostly download and unpacking)
+	$(MAKE) -s $(CORE_STAMP) > $(CORE_VENV).log 2>&1 & core=$$!; \
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(PYTEST_JOBS) --dist loadscope $(PYTEST_ARGS); \
+	rc=$$?; wait $$core || { cat $(CORE_VENV).log; exit 1; }; exit $$rc
 	$(MAKE) core-check
 
 # One 2-rank step of ddp, zero1, zero2, zero3, fsdp and hsdp with the core dependencies only.
@@ -68,4 +74,4 @@ slurm-stop:
 	launch/slurm/local_cluster.sh stop
 
 clean:
-	rm -rf $(VENV) $(CORE_VENV) outputs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(CORE_VENV) $(CORE_VENV).log outputs .pytest_cache .ruff_cache

@@ -20,6 +20,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+# What an in-process run sets for torch.distributed's env:// rendezvous (RANK=0, WORLD_SIZE=1,
+# MASTER_PORT, ...): restored after each test, so a later subprocess (a benchmark, a launcher)
+# does not inherit a world it is not part of.
+_RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+               "GROUP_RANK", "CROSS_RANK", "CROSS_SIZE")  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _restore_rendezvous_env():
+    saved = {k: os.environ.get(k) for k in _RENDEZVOUS}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 # A model and data small enough for many runs on 2 cores; still a real Llama and real data.
 TINY = [
     "experiment=cpu_smoke",
