@@ -46,7 +46,7 @@ from gradcycle.backends.pipeline_checks import SCHEDULES
 from gradcycle.backends.pipeline_clock import ComputeClock
 from gradcycle.data import IGNORE_INDEX
 from gradcycle.model import decoder_layers
-from gradcycle.planner.pipeline import V_SHAPED, rank_stages, stage_owner
+from gradcycle.planner.pipeline import V_SHAPED, rank_crossings, rank_stages, stage_owner
 
 
 def data_parallel(pp: int, rank: int, world: int) -> tuple[int, int]:
@@ -376,16 +376,12 @@ class PipelineBackend(TorchBackend):
             return None
         return {k: v for part in parts for k, v in part.items()}
 
-    def _crossings(self) -> int:
-        n = self.pp * self.v
-        owner = [stage_owner(self.pp, self.v, s, self.schedule_name) for s in range(n)]
-        return sum(owner[s] != owner[s + 1] for s in range(n - 1))
-
     def sync_plan(self, k: int) -> SyncPlan:
         bubble = (self.pp - 1) / (self.v * k + self.pp - 1)
+        crossings = rank_crossings(self.pp, self.v, self.schedule_name)
         rows = [("pipeline schedule", f"{self.cfg.backend.pp_schedule}, {self.pp} stages x "
                  f"{self.v} per rank, K={k} micro-batches, bubble {bubble:.1%}"),
-                ("activations sent per micro-batch", f"{self._crossings()} stage boundaries "
+                ("activations sent per micro-batch", f"{crossings} stage boundaries "
                  "between ranks")]  # fmt: skip
         if self.dp > 1 and self.fsdp:
             units = sum(len(st.layers) + 1 for st in self.stages)

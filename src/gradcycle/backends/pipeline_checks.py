@@ -4,6 +4,8 @@ before any process group starts."""
 
 from __future__ import annotations
 
+from gradcycle.planner.pipeline import V_SHAPED  # rank r holds stages r and 2p-1-r: two per rank
+
 SCHEDULES = {  # backend.pp_schedule -> torch.distributed.pipelining class
     "gpipe": "ScheduleGPipe",
     "1f1b": "Schedule1F1B",
@@ -13,7 +15,6 @@ SCHEDULES = {  # backend.pp_schedule -> torch.distributed.pipelining class
     "zbv": "ScheduleZBVZeroBubble",
     "dualpipev": "ScheduleDualPipeV",
 }
-V_SHAPED = ("zbv", "dualpipev")  # rank r holds stages r and 2p-1-r: exactly two per rank
 MULTI = ("interleaved_1f1b", "looped_bfs", "interleaved_zb", *V_SHAPED)  # v > 1 stages per rank
 ZERO_BUBBLE = ("interleaved_zb", *V_SHAPED)  # backward split into an input and a weight pass
 

@@ -48,6 +48,12 @@ def stage_owner(p: int, v: int, stage: int, schedule: str = "1f1b") -> int:
     return next(r for r in range(p) if stage in rank_stages(p, v, r, schedule))
 
 
+def rank_crossings(p: int, v: int, schedule: str = "1f1b") -> int:
+    """Stage boundaries whose two sides sit on different ranks (each one p2p per direction)."""
+    owner = [stage_owner(p, v, s, schedule) for s in range(p * v)]
+    return sum(owner[s] != owner[s + 1] for s in range(p * v - 1))
+
+
 def bubble_fraction(p: int, k: int, v: int = 1) -> float:
     """Share of the step a stage is idle (fill and drain)."""
     return (p - 1) / (v * k + p - 1)
@@ -137,8 +143,5 @@ def activation_bytes(setup) -> int:
 
 def p2p_bytes_per_step(setup) -> int:
     """Activations forward and their gradients back, every boundary, all K micro-batches."""
-    n = setup.pp * setup.pp_virtual
-    crossing = sum(stage_owner(setup.pp, setup.pp_virtual, s, setup.pp_schedule)
-                   != stage_owner(setup.pp, setup.pp_virtual, s + 1, setup.pp_schedule)
-                   for s in range(n - 1))  # fmt: skip
-    return 2 * setup.accumulation * crossing * activation_bytes(setup)
+    crossings = rank_crossings(setup.pp, setup.pp_virtual, setup.pp_schedule)
+    return 2 * setup.accumulation * crossings * activation_bytes(setup)
